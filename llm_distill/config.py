@@ -1,0 +1,170 @@
+"""Run configuration: one ``TrainingArguments`` subclass for the trainer, plain dataclasses for the rest.
+
+Every field carries ``help`` (it is the ``--help`` text and the YAML reference) and the range checks in
+``__post_init__`` name the field and the accepted values, so a typo fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from llm_distill.losses import LOSS_TYPES
+
+STUDENT_INITS = ("pretrained", "teacher_layers", "fresh")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(condition: bool, name: str, value, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}.")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """``TrainingArguments`` plus the knowledge-distillation knobs of ``DistillationTrainer``."""
+
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature T applied to teacher and student logits in the KD term (> 0). "
+                          "The KD term is multiplied by T^2 (Hinton et al. 2015)."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the KD term in [0, 1]; the cross-entropy on labels gets 1 - alpha. "
+                          "alpha=0 is plain fine-tuning (the teacher is not run); alpha=1 is pure distillation."},
+    )
+    loss_type: str = field(
+        default="forward_kl",
+        metadata={"help": f"Divergence for the KD term, one of {', '.join(LOSS_TYPES)}."},
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "Interpolation of the generalized JSD (loss_type=jsd) in [0, 1]: 0 = forward KL, "
+                          "1 = reverse KL (GKD, Agarwal et al. 2023)."},
+    )
+    skew_lambda: float = field(
+        default=0.1,
+        metadata={"help": "Skew of skew_forward_kl / skew_reverse_kl in [0, 1) (DistiLLM, Ko et al. 2024)."},
+    )
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "temperature", self.temperature, "a number > 0 (e.g. 1.0 or 2.0)")
+        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
+        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
+        _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "a number in [0, 1]")
+        _check(0.0 <= self.skew_lambda < 1.0, "skew_lambda", self.skew_lambda, "a number in [0, 1)")
+        super().__post_init__()
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher and student to load, and how to build the student."""
+
+    teacher_model: str = field(
+        default="embedded:teacher",
+        metadata={"help": "Teacher: hub id or local path loaded with from_pretrained; 'embedded:teacher' is the "
+                          "tiny offline default."},
+    )
+    student_model: str | None = field(
+        default="embedded:student",
+        metadata={"help": "Student: hub id or local path. With student_init=fresh only its config is used; with "
+                          "student_init=teacher_layers it is ignored."},
+    )
+    student_init: str = field(
+        default="pretrained",
+        metadata={"help": f"How the student's weights are made, one of {', '.join(STUDENT_INITS)}: pretrained = "
+                          "from_pretrained(student_model); teacher_layers = copy embeddings and "
+                          "student_num_layers teacher layers (DistilBERT-style); fresh = random init from "
+                          "student_model's config."},
+    )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Layers of a student built with student_init=teacher_layers (default: half the teacher's)."},
+    )
+    student_layer_strategy: str = field(
+        default="linspace",
+        metadata={"help": "Which teacher layers a teacher_layers student copies: linspace (evenly spaced, keeps "
+                          "first and last) or every_other (DistilBERT)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer path or hub id (default: the student's, else the teacher's)."},
+    )
+    teacher_dtype: str = field(
+        default="auto", metadata={"help": f"dtype the teacher is loaded in, one of {', '.join(DTYPES)}."}
+    )
+    student_dtype: str = field(
+        default="float32",
+        metadata={"help": f"dtype of the student's weights, one of {', '.join(DTYPES)}. Keep float32 and set "
+                          "bf16: true for mixed precision."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel for both models, e.g. sdpa, eager, flash_attention_2."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter on the student instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get LoRA adapters ('all-linear' = every linear layer but the LM head)."},
+    )
+
+    def __post_init__(self):
+        _check(self.student_init in STUDENT_INITS, "student_init", self.student_init, f"one of {', '.join(STUDENT_INITS)}")
+        _check(self.student_layer_strategy in ("linspace", "every_other"), "student_layer_strategy",
+               self.student_layer_strategy, "linspace or every_other")
+        for name in ("teacher_dtype", "student_dtype"):
+            _check(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {', '.join(DTYPES)}")
+        if self.student_init != "teacher_layers" and not self.student_model:
+            raise ValueError(f"student_model is required with student_init={self.student_init}; "
+                             "set it, or use student_init=teacher_layers to build the student from the teacher.")
+        _check(self.student_num_layers is None or self.student_num_layers >= 1, "student_num_layers",
+               self.student_num_layers, "an integer >= 1")
+        _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
+
+
+@dataclass
+class DataArguments:
+    """Where the training / evaluation text comes from and how it becomes token ids and labels."""
+
+    dataset: str = field(
+        default="embedded:train",
+        metadata={"help": "Training data: a .jsonl/.json file, a folder written by Dataset.save_to_disk, or a hub "
+                          "dataset name. Rows have 'text', or 'prompt' + 'response' (or 'completion'), or "
+                          "'messages' (chat format)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub / saved dataset to train on."})
+    eval_dataset: str | None = field(
+        default="embedded:heldout",
+        metadata={"help": "Held-out data for the final report (same formats as dataset); empty to skip."},
+    )
+    eval_split: str = field(default="train", metadata={"help": "Split of eval_dataset to use."})
+    text_field: str = field(default="text", metadata={"help": "Column with raw text (loss on every token)."})
+    prompt_field: str = field(default="prompt", metadata={"help": "Column with the prompt (no loss on it)."})
+    response_field: str = field(
+        default="response", metadata={"help": "Column with the response (loss only here); 'completion' also accepted."}
+    )
+    messages_field: str = field(
+        default="messages", metadata={"help": "Column with chat messages; loss only on assistant turns."}
+    )
+    max_length: int = field(default=256, metadata={"help": "Maximum tokens per training sequence (longer is truncated)."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "For 'text' data: concatenate documents and cut into max_length blocks (no padding, "
+                          "nothing truncated away)."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only this many training sequences (after packing; seeded shuffle)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation sequences."})
+
+    def __post_init__(self):
+        _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "an integer >= 1 (or null for all)")

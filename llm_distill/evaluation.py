@@ -1,0 +1,78 @@
+"""Held-out evaluation: perplexity and top-1 agreement with the teacher, token-weighted across ranks.
+
+Perplexity is ``exp(total NLL / total tokens)`` over all valid positions of the whole held-out set - not
+a mean of per-batch perplexities, and not a mean of per-rank means (ranks hold different token counts).
+
+We do not use the ``evaluate`` library here: its metrics are fetched from the hub at load time (so they
+cannot run offline), and its ``perplexity`` metric reloads a model by hub id; what we need is two sums
+over the logits we already have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import reduce
+from torch.utils.data import DataLoader
+
+from llm_distill.losses import IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, reference: str | None = "teacher",
+                    shift_labels: bool = True) -> dict[str, dict[str, float]]:
+    """Perplexity of every model in ``models`` and its top-1 agreement with ``models[reference]``.
+
+    The dataset is split across processes (no padding, so no row is counted twice); sums are reduced.
+    Returns ``{name: {"perplexity", "nll", "tokens", "top1_agreement"?}}``.
+    """
+    state = PartialState()
+    device = state.device
+    with state.split_between_processes(list(range(len(dataset)))) as indices:
+        shard = dataset.select(indices)
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collator)
+    sums = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in models}  # nll, tokens, agree
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        targets = labels[:, 1:] if shift_labels else labels
+        valid = targets != IGNORE_INDEX
+        argmax = {}
+        for name, model in models.items():
+            logits = model(**batch).logits
+            logits = (logits[:, :-1] if shift_labels else logits)[valid].float()  # (N, V)
+            sums[name][0] += F.cross_entropy(logits, targets[valid], reduction="sum").double()
+            sums[name][1] += valid.sum()
+            argmax[name] = logits.argmax(-1)
+        if reference in argmax:
+            for name in models:
+                sums[name][2] += (argmax[name] == argmax[reference]).sum()
+    for name, m in models.items():
+        m.train(was_training[name])
+    results = {}
+    for name, s in sums.items():
+        s = reduce(s, reduction="sum") if state.num_processes > 1 else s
+        nll, tokens, agree = s.tolist()
+        tokens = max(tokens, 1.0)
+        results[name] = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": int(tokens)}
+        if reference in models:
+            results[name]["top1_agreement"] = agree / tokens
+    return results
+
+
+class Stopwatch:
+    """``with Stopwatch() as t: ...; t.seconds``"""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

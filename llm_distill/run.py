@@ -1,0 +1,178 @@
+"""The main job, callable in-process: config -> models -> data -> train -> held-out report.
+
+``scripts/distill.py`` is a thin wrapper around :func:`run_distillation`; tests and benchmarks call it
+directly with an argv list, so the command users run is the code that is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import set_seed
+
+from llm_distill import tiny
+from llm_distill.cli import parse_args_and_config
+from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
+from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
+from llm_distill.evaluation import evaluate_models
+from llm_distill.models import (
+    apply_lora,
+    check_tokenizers_compatible,
+    check_vocab_compatible,
+    fresh_causal_lm,
+    load_causal_lm,
+    load_tokenizer,
+    select_teacher_layers,
+    student_from_teacher,
+)
+from llm_distill.trainer import DistillationTrainer
+
+logger = logging.getLogger("llm_distill")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+def parse(argv: list[str]):
+    """Parse argv; with no ``--config`` the embedded default config is used as the base."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    return parse_args_and_config((ModelArguments, DataArguments, DistillationConfig), argv)
+
+
+def build_student(model_args: ModelArguments, teacher, seed: int):
+    if model_args.student_init == "teacher_layers":
+        n_teacher = teacher.config.num_hidden_layers
+        n_student = model_args.student_num_layers or max(1, n_teacher // 2)
+        layers = select_teacher_layers(n_teacher, n_student, model_args.student_layer_strategy)
+        logger.info("Student: %d of the teacher's %d layers %s", n_student, n_teacher, layers)
+        student = student_from_teacher(teacher, layers).float()
+    elif model_args.student_init == "fresh":
+        student = fresh_causal_lm(model_args.student_model, seed, model_args.student_dtype, model_args.trust_remote_code)
+    else:
+        student = load_causal_lm(model_args.student_model, model_args.student_dtype, model_args.attn_implementation,
+                                 model_args.trust_remote_code)
+    return student
+
+
+def load_everything(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig):
+    """Models, tokenizer and tokenised data, with every compatibility check before any training step."""
+    state = PartialState()
+    with state.main_process_first():  # rank 0 builds the embedded default; the others then find it cached
+        for name in (model_args.teacher_model, model_args.student_model, data_args.dataset, data_args.eval_dataset):
+            tiny.resolve(name)
+    tokenizer_src = model_args.tokenizer or (
+        model_args.student_model if model_args.student_init != "teacher_layers" else model_args.teacher_model
+    )
+    tokenizer = load_tokenizer(tokenizer_src, model_args.trust_remote_code)
+    if tokenizer_src != model_args.teacher_model and args.alpha > 0:
+        check_tokenizers_compatible(load_tokenizer(model_args.teacher_model, model_args.trust_remote_code), tokenizer)
+
+    # Data first: a bad row should fail in seconds, before gigabytes of weights are loaded.
+    fields = Fields.from_args(data_args)
+    with state.main_process_first():
+        train_rows, fmt = load_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config, fields)
+        train_ds = prepare_dataset(train_rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed, "train")
+        eval_ds = None
+        if data_args.eval_dataset:
+            eval_rows, eval_fmt = load_rows(data_args.eval_dataset, data_args.eval_split, data_args.dataset_config, fields)
+            eval_ds = prepare_dataset(eval_rows, eval_fmt, tokenizer, data_args, data_args.max_eval_samples, args.seed, "eval")
+
+    teacher = load_causal_lm(model_args.teacher_model, model_args.teacher_dtype, model_args.attn_implementation,
+                             model_args.trust_remote_code)
+    student = build_student(model_args, teacher, args.seed)
+    check_vocab_compatible(teacher, student, tokenizer)
+    return tokenizer, teacher, student, train_ds, eval_ds
+
+
+def run_distillation(argv: list[str]) -> dict | None:
+    model_args, data_args, args = parse(argv)
+    if args.include_num_input_tokens_seen in ("no", False):
+        args.include_num_input_tokens_seen = "non_padding"  # for the tokens/s figure in the report
+    set_seed(args.seed)
+    start = time.time()
+    tokenizer, teacher, student, train_ds, eval_ds = load_everything(model_args, data_args, args)
+    if model_args.use_peft:
+        student = apply_lora(student, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                             model_args.lora_target_modules)
+    collator = DistillationCollator(tokenizer)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher if args.alpha > 0 or eval_ds is not None else None, args=args,
+        train_dataset=train_ds, data_collator=collator, processing_class=tokenizer,
+    )
+    eval_bs = args.per_device_eval_batch_size
+
+    def evaluate(include_teacher: bool) -> dict:
+        models = {"student": trainer.accelerator.unwrap_model(trainer.model)}
+        if include_teacher and trainer.teacher_model is not None:
+            models["teacher"] = trainer.teacher_model
+        return evaluate_models(models, eval_ds, collator, eval_bs, shift_labels=trainer._shift_labels)
+
+    before = evaluate(include_teacher=True) if eval_ds is not None else {}
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    after = evaluate(include_teacher=True) if eval_ds is not None else {}
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+
+    runtime = train_result.metrics.get("train_runtime", float("nan"))
+    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
+    results = {
+        "teacher": model_args.teacher_model,
+        "student": model_args.student_model if model_args.student_init != "teacher_layers" else "teacher_layers",
+        "loss_type": args.loss_type, "alpha": args.alpha, "temperature": args.temperature,
+        "steps": trainer.state.global_step,
+        "train_loss": train_result.training_loss,
+        "train_tokens": tokens_seen,
+        "train_tokens_per_second": tokens_seen / runtime if tokens_seen and runtime else None,
+        "train_runtime_s": runtime,
+        "wall_time_s": time.time() - start,
+        "world_size": PartialState().num_processes,
+    }
+    if eval_ds is not None:
+        results.update({
+            "teacher_perplexity": after.get("teacher", {}).get("perplexity"),
+            "student_perplexity_before": before["student"]["perplexity"],
+            "student_perplexity_after": after["student"]["perplexity"],
+            "top1_agreement_before": before["student"].get("top1_agreement"),
+            "top1_agreement_after": after["student"].get("top1_agreement"),
+            "eval_tokens": after["student"]["tokens"],
+        })
+    if trainer.is_world_process_zero():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "distill_results.json").write_text(json.dumps(results, indent=2))
+        print(format_report(results))
+    _cleanup_distributed()
+    return results
+
+
+def format_report(r: dict) -> str:
+    lines = ["", "=== llm-distill: held-out results ==="]
+    if "student_perplexity_after" in r:
+        lines += [
+            f"{'model':<18}{'perplexity':>12}{'top-1 agree':>14}",
+            f"{'teacher':<18}{r['teacher_perplexity']:>12.2f}{'1.000':>14}" if r["teacher_perplexity"] else "",
+            f"{'student (before)':<18}{r['student_perplexity_before']:>12.2f}{_fmt(r['top1_agreement_before']):>14}",
+            f"{'student (after)':<18}{r['student_perplexity_after']:>12.2f}{_fmt(r['top1_agreement_after']):>14}",
+        ]
+    tps = r["train_tokens_per_second"]
+    lines.append(f"steps {r['steps']}, train tokens/s {tps:,.0f}" if tps else f"steps {r['steps']}")
+    lines.append(f"train time {r['train_runtime_s']:.1f}s, wall time {r['wall_time_s']:.1f}s, "
+                 f"processes {r['world_size']}")
+    return "\n".join(line for line in lines if line)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _cleanup_distributed() -> None:
+    """Tear the process group down explicitly: gloo intermittently aborts at interpreter exit otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
