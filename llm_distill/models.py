@@ -74,6 +74,8 @@ def check_vocab_compatible(teacher, student, tokenizer=None) -> int:
     raise VocabularyMismatchError(
         f"Teacher vocabulary size {v_t} != student vocabulary size {v_s}"
         + (f" and the tokenizer has {n_tokens} tokens (more than {shared})" if n_tokens else "")
+        + (". If the difference is only embedding padding, pass the tokenizer (processing_class=tokenizer) so the "
+           "shared vocabulary can be checked" if n_tokens is None else "")
         + ". Logit distillation needs the same tokenizer for both models: use a teacher and a student of the same "
         "model family (e.g. Qwen2.5-7B-Instruct -> Qwen2.5-0.5B-Instruct), or distil on teacher-generated "
         "responses instead (scripts/generate.py, then alpha: 0)."

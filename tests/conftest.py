@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny BPE tokenizer and tiny Llama models built from configs. No network, no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _corpus_texts(n_files: int = 12) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "numbers.py",
+             "opcode.py", "queue.py", "sched.py", "shlex.py", "textwrap.py"]
+    return [(root / n).read_text(encoding="utf-8") for n in names[:n_files] if (root / n).exists()]
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """Byte-level BPE on a dozen stdlib files (well under a second), with the embedded chat template."""
+    from dataclasses import replace
+
+    from llm_distill import tiny
+
+    recipe = replace(tiny.TinyRecipe(), vocab_size=vocab_size, tokenizer_train_chars=10**9)
+    tok = tiny.train_tokenizer(_corpus_texts(), recipe)
+    tok.chat_template = tiny.CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus_texts():
+    return _corpus_texts()
+
+
+def make_llama(tokenizer, seed: int = 0, **overrides):
+    """A Llama causal LM of a few thousand parameters (GQA: 4 query heads, 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+    dims.update(overrides)
+    config = LlamaConfig(vocab_size=dims.pop("vocab_size", len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False, **dims)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def llama_factory(tiny_tokenizer):
+    return lambda seed=0, **kw: make_llama(tiny_tokenizer, seed=seed, **kw)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture
+def saved_pair(tmp_path, tiny_tokenizer):
+    """A teacher (3 layers) and a student (2 layers) saved with save_pretrained, plus text JSONL data."""
+    teacher = make_llama(tiny_tokenizer, seed=1, num_hidden_layers=3)
+    student = make_llama(tiny_tokenizer, seed=2, hidden_size=16, intermediate_size=32)
+    paths = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        paths[name] = tmp_path / name
+        model.save_pretrained(paths[name])
+        tiny_tokenizer.save_pretrained(paths[name])
+    texts = _corpus_texts(6)
+    paths["train"] = write_jsonl(tmp_path / "train.jsonl", [{"text": t[:1500]} for t in texts[:4]])
+    paths["eval"] = write_jsonl(tmp_path / "eval.jsonl", [{"text": t[:1500]} for t in texts[4:6]])
+    return paths
