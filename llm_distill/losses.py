@@ -48,6 +48,10 @@ def _kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
     """log(w p + (1-w) q), computed stably in log space. (N, V) x2 -> (N, V)."""
+    if weight_p <= 0.0:
+        return logq
+    if weight_p >= 1.0:
+        return logp
     return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
 
 

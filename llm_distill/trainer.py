@@ -57,6 +57,7 @@ class DistillationTrainer(Trainer):
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         # Token-weighted sums of each term since the last log (detached; reduced across ranks at log time).
         self._term_sums = {"train": {}, "eval": {}}
+        self._last_terms_step = 0
 
     # ------------------------------------------------------------------ teacher
 
@@ -97,30 +98,37 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record_terms(self, out, num_items_in_batch) -> None:
-        """Accumulate token-weighted sums so the logged value is the mean over all tokens since the last log."""
+        """Accumulate each term the way Trainer accumulates ``loss``, so that the logged values satisfy
+        ``loss == alpha * kd_loss + (1 - alpha) * ce_loss``: a micro-batch term is already divided by the
+        step's token count, so summing micro-batches gives the step's token mean; steps are then averaged."""
         mode = "train" if self.model.training else "eval"
-        denom = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
-        denom = torch.as_tensor(denom, dtype=torch.float32, device=out.loss.device).clamp_min(1.0)
         sums = self._term_sums[mode]
-        n = out.num_tokens.float()
         for name, value in (("kd_loss", out.kd_loss), ("ce_loss", out.ce_loss)):
             if name == "kd_loss" and (self.teacher_model is None or self.args.alpha == 0):
                 continue
-            # value was normalised by denom (the whole accumulated batch); undo it to get this micro-batch's sum.
-            sums[name] = sums.get(name, 0.0) + (value.float() * denom).detach()
-        sums["_tokens"] = sums.get("_tokens", 0.0) + n.detach()
+            sums[name] = sums.get(name, 0.0) + value.float().detach()
+        sums["_batches"] = sums.get("_batches", 0.0) + 1.0
+        # A global denominator (token count gathered over ranks) makes the rank values add up; a local one averages.
+        self._terms_use_global_denominator = bool(num_items_in_batch is not None and self.args.average_tokens_across_devices)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         sums = self._term_sums[mode]
-        if sums:
+        if sums and (mode == "eval" or "loss" in logs):
             names = sorted(sums)
             stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.args.device) for k in names])
-            stacked = self.accelerator.reduce(stacked, reduction="sum")  # token-weighted across ranks
+            stacked = self.accelerator.reduce(stacked, reduction="sum")
             totals = dict(zip(names, stacked.tolist()))
-            tokens = max(totals.pop("_tokens"), 1.0)
+            batches = totals.pop("_batches")
+            world = self.accelerator.num_processes
+            if mode == "train":
+                steps = max(self.state.global_step - self._last_terms_step, 1)
+                divisor = steps * (1 if getattr(self, "_terms_use_global_denominator", False) else world)
+                self._last_terms_step = self.state.global_step
+            else:  # eval batches are each normalised by their own tokens: average them
+                divisor = max(batches, 1.0)
             prefix = "eval_" if mode == "eval" else ""
             for name, total in totals.items():
-                logs[f"{prefix}{name}"] = round(total / tokens, 6)
+                logs[f"{prefix}{name}"] = round(total / divisor, 6)
             self._term_sums[mode] = {}
         super().log(logs, start_time)
