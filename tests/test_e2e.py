@@ -73,3 +73,14 @@ def test_embedded_builder_is_deterministic_and_reloadable(tmp_path, monkeypatch)
         assert torch.equal(v, first[k]), f"{k} differs between two builds with the same seed"
     with pytest.raises(ValueError, match="Unknown embedded artefact"):
         tiny.resolve("embedded:nope", recipe)
+
+
+def test_lora_student_via_config(saved_pair, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    run_distillation(common_args(saved_pair, out, "--use_peft", "true", "--lora_r", "4",
+                                 "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "2"))
+    assert (out / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(saved_pair["student"])
+    PeftModel.from_pretrained(base, out)(input_ids=torch.tensor([[1, 2, 3]]))
