@@ -48,6 +48,19 @@ class DistillationConfig(TrainingArguments):
         default=0.1,
         metadata={"help": "Skew of skew_forward_kl / skew_reverse_kl in [0, 1) (DistiLLM, Ko et al. 2024)."},
     )
+    loss_chunk_size: int = field(
+        default=256,
+        metadata={"help": "Memory-lean loss: compute KD + CE this many valid tokens at a time, in fp32, from the "
+                          "models' final hidden states and lm_head weights, so no B x S x V logits tensor is ever "
+                          "built (peak loss memory O(loss_chunk_size x V)). Same numbers as the plain path. "
+                          "0 = plain path (full logits; the readable reference)."},
+    )
+    teacher_logits: str | None = field(
+        default=None,
+        metadata={"help": "Offline KD: a folder written by scripts/store_teacher_logits.py (top-k teacher "
+                          "log-probabilities per token). Training then reads its rows and needs no teacher in "
+                          "memory; the 'dataset' setting is not used for training."},
+    )
 
     def __post_init__(self):
         _check(self.temperature > 0, "temperature", self.temperature, "a number > 0 (e.g. 1.0 or 2.0)")
@@ -55,6 +68,8 @@ class DistillationConfig(TrainingArguments):
         _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
         _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "a number in [0, 1]")
         _check(0.0 <= self.skew_lambda < 1.0, "skew_lambda", self.skew_lambda, "a number in [0, 1)")
+        _check(self.loss_chunk_size >= 0, "loss_chunk_size", self.loss_chunk_size,
+               "an integer >= 0 (e.g. 1024; 0 = plain full-logits path)")
         super().__post_init__()
 
 

@@ -19,6 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 
+from llm_distill.distributed import is_sharded
 from llm_distill.losses import IGNORE_INDEX
 
 
@@ -27,23 +28,30 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
                     shift_labels: bool = True) -> dict[str, dict[str, float]]:
     """Perplexity of every model in ``models`` and its top-1 agreement with ``models[reference]``.
 
-    The dataset is split across processes (no padding, so no row is counted twice); sums are reduced.
+    The dataset is split across processes (no row is counted twice); sums are reduced. When a model is
+    sharded (FSDP / ZeRO-3) ranks with fewer batches run uncounted filler batches so the collectives match.
     Returns ``{name: {"perplexity", "nll", "tokens", "top1_agreement"?}}``.
     """
     state = PartialState()
     device = state.device
     with state.split_between_processes(list(range(len(dataset)))) as indices:
         shard = dataset.select(indices)
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collator)
+    batches = [(batch, True) for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collator)]
+    if state.num_processes > 1 and len(dataset) and any(is_sharded(m) for m in models.values()):
+        # A sharded model's forward is a collective (FSDP all-gathers, ZeRO-3 gathers): every rank must run the
+        # same number of batches or the one with more hangs. Pad with uncounted repeats of a real batch.
+        n_max = math.ceil(math.ceil(len(dataset) / state.num_processes) / batch_size)
+        filler = collator([dataset[0]])
+        batches += [(filler, False)] * (n_max - len(batches))
     sums = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in models}  # nll, tokens, agree
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
-    for batch in loader:
+    for batch, counted in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         targets = labels[:, 1:] if shift_labels else labels
-        valid = targets != IGNORE_INDEX
+        valid = (targets != IGNORE_INDEX) & counted
         argmax = {}
         for name, model in models.items():
             logits = model(**batch).logits

@@ -19,6 +19,7 @@ from llm_distill import tiny
 from llm_distill.cli import parse_args_and_config
 from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
 from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
+from llm_distill.distributed import gathered_for_forward, is_sharded
 from llm_distill.evaluation import evaluate_models
 from llm_distill.models import (
     apply_lora,
@@ -30,6 +31,7 @@ from llm_distill.models import (
     select_teacher_layers,
     student_from_teacher,
 )
+from llm_distill.teacher_logits import load_teacher_logits
 from llm_distill.trainer import DistillationTrainer
 
 logger = logging.getLogger("llm_distill")
@@ -70,19 +72,28 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
         model_args.student_model if model_args.student_init != "teacher_layers" else model_args.teacher_model
     )
     tokenizer = load_tokenizer(tokenizer_src, model_args.trust_remote_code)
-    if tokenizer_src != model_args.teacher_model and args.alpha > 0:
+    if tokenizer_src != model_args.teacher_model and args.alpha > 0 and not args.teacher_logits:
         check_tokenizers_compatible(load_tokenizer(model_args.teacher_model, model_args.trust_remote_code), tokenizer)
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights are loaded.
     fields = Fields.from_args(data_args)
     with state.main_process_first():
-        train_rows, fmt = load_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config, fields)
-        train_ds = prepare_dataset(train_rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed, "train")
+        if args.teacher_logits:  # offline KD: the store holds the tokenised rows with their teacher top-k
+            train_ds = load_teacher_logits(args.teacher_logits)
+        else:
+            train_rows, fmt = load_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config, fields)
+            train_ds = prepare_dataset(train_rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed,
+                                       "train")
         eval_ds = None
         if data_args.eval_dataset:
             eval_rows, eval_fmt = load_rows(data_args.eval_dataset, data_args.eval_split, data_args.dataset_config, fields)
             eval_ds = prepare_dataset(eval_rows, eval_fmt, tokenizer, data_args, data_args.max_eval_samples, args.seed, "eval")
 
+    if args.teacher_logits:  # offline KD: no teacher in memory at all
+        if model_args.student_init == "teacher_layers":
+            raise ValueError("student_init=teacher_layers needs the teacher's weights, but teacher_logits is set "
+                             "(offline KD loads no teacher): use student_init=pretrained or fresh.")
+        return tokenizer, None, build_student(model_args, None, args.seed), train_ds, eval_ds
     teacher = load_causal_lm(model_args.teacher_model, model_args.teacher_dtype, model_args.attn_implementation,
                              model_args.trust_remote_code)
     student = build_student(model_args, teacher, args.seed)
@@ -108,10 +119,11 @@ def run_distillation(argv: list[str]) -> dict | None:
     eval_bs = args.per_device_eval_batch_size
 
     def evaluate(include_teacher: bool) -> dict:
-        models = {"student": trainer.accelerator.unwrap_model(trainer.model)}
+        models = {"student": _student_for_eval(trainer)}
         if include_teacher and trainer.teacher_model is not None:
             models["teacher"] = trainer.teacher_model
-        return evaluate_models(models, eval_ds, collator, eval_bs, shift_labels=trainer._shift_labels)
+        with gathered_for_forward(models["student"]):  # ZeRO-3 partitions the student at load, before any engine
+            return evaluate_models(models, eval_ds, collator, eval_bs, shift_labels=trainer._shift_labels)
 
     before = evaluate(include_teacher=True) if eval_ds is not None else {}
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -169,6 +181,16 @@ def format_report(r: dict) -> str:
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def _student_for_eval(trainer) -> torch.nn.Module:
+    """The student as it can run a forward on this rank: the sharded wrapper under FSDP / ZeRO-3 (unwrapping
+    FSDP1 would leave flat shards), else the plain module, moved to the device (under FSDP / DeepSpeed
+    Trainer places the student only when ``train()`` prepares it)."""
+    if is_sharded(trainer.model_wrapped):
+        return trainer.model_wrapped
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    return student if is_sharded(student) else student.to(trainer.args.device)
 
 
 def _cleanup_distributed() -> None:

@@ -1,0 +1,26 @@
+"""Run the teacher once over the training data and store its top-k log-probabilities per token (offline KD).
+
+    python scripts/store_teacher_logits.py --teacher_logits outputs/teacher_logits            # embedded default
+    python scripts/store_teacher_logits.py --config configs/qwen2.5-1.5b-to-0.5b.yaml --teacher_logits /data/qwen-top64 --top_k 64
+    accelerate launch scripts/distill.py --teacher_logits outputs/teacher_logits               # train, no teacher loaded
+
+Takes the same config as ``scripts/distill.py`` (teacher, tokenizer, data, ``temperature``, ``seed``,
+``per_device_eval_batch_size``) plus ``--top_k``, ``--logprob_dtype``, ``--rows_per_shard``, ``--overwrite``.
+Writes ``<teacher_logits>/manifest.json`` and parquet shards; re-running resumes (finished shards are skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from llm_distill.teacher_logits import run_store  # noqa: E402
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out = run_store(sys.argv[1:])
+    size = sum(f.stat().st_size for f in out.rglob("*.parquet"))
+    print(f"stored teacher top-k logits in {out} ({size / 2**20:.1f} MiB)")

@@ -1,0 +1,137 @@
+"""Offline KD: the top-k "other bucket" divergence, the resumable store, and training with no teacher in memory."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_distill import DistillationCollator
+from llm_distill.losses import LOSS_TYPES, token_divergence, topk_divergence
+from llm_distill.teacher_logits import load_teacher_logits, store_teacher_logits
+from test_trainer import config, token_dataset
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_full_topk_equals_full_divergence(loss_type):
+    s, t = torch.randn(6, 40) * 3, torch.randn(6, 40) * 3
+    logp = F.log_softmax(t / 2.0, -1)
+    ids = logp.argsort(-1, descending=True)
+    got = topk_divergence(s, ids, logp.gather(-1, ids), loss_type, 2.0, jsd_beta=0.3, skew_lambda=0.2)
+    torch.testing.assert_close(got, token_divergence(s, t, loss_type, 2.0, 0.3, 0.2), rtol=1e-5, atol=1e-6)
+
+
+def test_tail_goes_to_an_other_bucket():
+    """KL over k+1 outcomes (top-k + the rest), from the textbook formula in float64; gradients finite."""
+    s, t, k = (torch.randn(5, 30) * 2).requires_grad_(), torch.randn(5, 30) * 2, 4
+    logp = F.log_softmax(t, -1)
+    lp_k, ids = logp.topk(k, -1)
+    got = topk_divergence(s, ids, lp_k.half(), "forward_kl")  # fp16 as stored
+    p, q = logp.double().exp(), F.log_softmax(s.double(), -1).exp()
+    p_b = torch.cat([lp_k.half().double().exp(), 1 - lp_k.half().double().exp().sum(-1, keepdim=True)], -1)
+    q_k = q.gather(-1, ids)
+    q_b = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    want = (p_b * (p_b.log() - q_b.log())).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert torch.all(got <= token_divergence(s, t, "forward_kl") + 1e-5)  # coarse-graining lower-bounds the KL
+    got.sum().backward()
+    assert torch.isfinite(s.grad).all()
+    # The student's optimum matches the teacher's tail mass, it does not zero it (unlike renormalising over top-k).
+    q_opt = torch.full((1, 30), 0.0)
+    q_opt[0, ids[0]] = lp_k[0]  # student logits = teacher top-k logprobs, tail spread uniformly over the rest
+    tail = 1 - lp_k[0].exp().sum()
+    rest = torch.ones(30, dtype=torch.bool)
+    rest[ids[0]] = False
+    q_opt[0, rest] = (tail / rest.sum()).log()
+    assert topk_divergence(q_opt, ids[:1], lp_k[:1], "forward_kl").item() == pytest.approx(0.0, abs=1e-5)
+
+
+def _store(teacher, tiny_tokenizer, path, k, rows, **kw):
+    return store_teacher_logits(teacher, rows, path, DistillationCollator(tiny_tokenizer), top_k=k,
+                                vocab_size=len(tiny_tokenizer), batch_size=3, rows_per_shard=3, device="cpu", **kw)
+
+
+def test_store_roundtrip_resume_and_settings_check(tiny_tokenizer, llama_factory, tmp_path):
+    teacher, rows = llama_factory(seed=1), token_dataset(tiny_tokenizer, n=8)
+    out = _store(teacher, tiny_tokenizer, tmp_path / "s", 5, rows)
+    ds = load_teacher_logits(out)
+    assert len(ds) == 8 and ds.features["topk_logprobs"].feature.feature.dtype == "float16"
+    assert json.loads((out / "manifest.json").read_text())["num_shards"] == 3
+    # Row 0 matches a direct teacher forward: top-5 log-probs of its valid positions, most likely first.
+    ids = torch.tensor([rows[0]["input_ids"]])
+    with torch.no_grad():
+        logp = F.log_softmax(teacher(input_ids=ids).logits[0, :-1], -1)
+    valid = torch.tensor(rows[0]["labels"][1:]) != -100
+    want_lp, want_ids = logp[valid].topk(5, -1)
+    assert torch.equal(torch.tensor(ds[0]["topk_ids"]), want_ids.int())
+    torch.testing.assert_close(torch.tensor(ds[0]["topk_logprobs"]).float(), want_lp, rtol=1e-3, atol=1e-3)
+    # Resume: a killed run leaves a shard missing (and maybe a .tmp); only that shard is recomputed.
+    shards = sorted((out / "data").glob("*.parquet"))
+    before = {s.name: s.stat().st_mtime_ns for s in shards}
+    shards[1].unlink()
+    (out / "data" / "shard-00002-of-00003.parquet.tmp").write_text("partial")
+    _store(teacher, tiny_tokenizer, tmp_path / "s", 5, rows)
+    after = {s.name: s.stat().st_mtime_ns for s in sorted((out / "data").glob("*.parquet"))}
+    assert after[shards[0].name] == before[shards[0].name] and after[shards[2].name] == before[shards[2].name]
+    assert load_teacher_logits(out)["topk_ids"] == ds["topk_ids"]
+    with pytest.raises(FileExistsError, match="top_k"):
+        _store(teacher, tiny_tokenizer, tmp_path / "s", 7, rows)
+
+
+def _kl_to_teacher(student, teacher, rows, tok):
+    batch = DistillationCollator(tok)([rows[i] for i in range(len(rows))])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    valid = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        s, t = student(**inputs).logits[:, :-1][valid], teacher(**inputs).logits[:, :-1][valid]
+    return token_divergence(s, t).mean().item()
+
+
+@pytest.mark.slow
+def test_offline_training_needs_no_teacher_and_matches_online(tiny_tokenizer, llama_factory, tmp_path):
+    from llm_distill import DistillationTrainer
+
+    teacher, student0 = llama_factory(seed=1, num_hidden_layers=3), llama_factory(seed=2)
+    with torch.no_grad():  # a random tiny teacher is nearly uniform; real ones are peaked (top-32 holds most mass)
+        teacher.lm_head.weight.mul_(8.0)
+    rows = token_dataset(tiny_tokenizer, n=8)
+    kw = dict(alpha=1.0, temperature=1.0, max_steps=12, logging_steps=1, learning_rate=3e-2)
+
+    online = DistillationTrainer(model=copy.deepcopy(student0), teacher_model=teacher,
+                                 args=config(tmp_path / "online", **kw), train_dataset=rows,
+                                 data_collator=DistillationCollator(tiny_tokenizer), processing_class=tiny_tokenizer)
+    online.train()
+    results = {}
+    for k in (len(tiny_tokenizer),):  # the full distribution stored as top-k: must reproduce online KD
+        store = _store(teacher, tiny_tokenizer, tmp_path / f"top{k}", k, rows)
+        trainer = DistillationTrainer(model=copy.deepcopy(student0), args=config(tmp_path / f"off{k}", teacher_logits=str(store), **kw),
+                                      data_collator=DistillationCollator(tiny_tokenizer), processing_class=tiny_tokenizer)
+        assert trainer.teacher_model is None
+        trainer.train()
+        results[k] = trainer
+    first = lambda t: next(h for h in t.state.log_history if "kd_loss" in h)["kd_loss"]  # noqa: E731
+    # k = V: the same loss as online KD up to fp16 storage of the log-probabilities.
+    assert first(results[len(tiny_tokenizer)]) == pytest.approx(first(online), rel=2e-3)
+    kl0 = _kl_to_teacher(student0, teacher, rows, tiny_tokenizer)
+    kl_online = _kl_to_teacher(online.model, teacher, rows, tiny_tokenizer)
+    kl_offline = _kl_to_teacher(results[len(tiny_tokenizer)].model, teacher, rows, tiny_tokenizer)
+    assert kl_online < 0.85 * kl0, (kl0, kl_online)
+    assert kl_offline == pytest.approx(kl_online, rel=0.02), (kl0, kl_online, kl_offline)
+
+
+def test_offline_errors(tiny_tokenizer, llama_factory, tmp_path):
+    from llm_distill import DistillationTrainer
+
+    store = _store(llama_factory(seed=1), tiny_tokenizer, tmp_path / "s", 4, token_dataset(tiny_tokenizer, n=3),
+                   temperature=2.0)
+    make = lambda **kw: DistillationTrainer(model=llama_factory(seed=2), processing_class=tiny_tokenizer,  # noqa: E731
+                                            args=config(tmp_path, teacher_logits=str(store), **kw))
+    with pytest.raises(ValueError, match="stored at temperature 2.0"):
+        make(temperature=1.0)
+    with pytest.raises(ValueError, match="pass teacher_model=None"):
+        DistillationTrainer(model=llama_factory(seed=2), teacher_model=llama_factory(seed=1),
+                            args=config(tmp_path, teacher_logits=str(store)), processing_class=tiny_tokenizer)
+    with pytest.raises(FileNotFoundError, match="store_teacher_logits.py"):
+        DistillationTrainer(model=llama_factory(seed=2), args=config(tmp_path, teacher_logits=str(tmp_path / "nope")))
+    assert len(make(temperature=2.0).train_dataset) == 3
