@@ -163,9 +163,11 @@ def tokenize_text(text: str, tokenizer) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def tokenize_prompt_response(prompt: str, response: str, tokenizer) -> dict:
+def tokenize_prompt_response(prompt: str, response: str, tokenizer, add_eos: bool = True) -> dict:
+    """``add_eos=False`` for responses cut at max_new_tokens (a generated row's ``finish_reason: length``):
+    appending EOS there would teach the student to stop mid-sentence."""
     p = tokenizer(prompt)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + (_eos(tokenizer) if add_eos else [])
     return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
 
 
@@ -217,7 +219,8 @@ def prepare_dataset(ds: Dataset, fmt: str, tokenizer, data_args, max_samples: in
         if fmt == "text":
             return tokenize_text(row[fields.text], tokenizer)
         if fmt == "prompt_response":
-            return tokenize_prompt_response(row[fields.prompt], row[response_key], tokenizer)
+            return tokenize_prompt_response(row[fields.prompt], row[response_key], tokenizer,
+                                            add_eos=row.get("finish_reason") != "length")
         return tokenize_messages(row[fields.messages], tokenizer)
 
     tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {desc}")

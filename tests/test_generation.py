@@ -1,0 +1,398 @@
+"""Teacher-response generation: prompts, chat encoding, batching, resume after SIGKILL, 2 processes, training."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_llama, write_jsonl
+
+from llm_distill import tiny
+from llm_distill.generation import (
+    GenerateArguments,
+    HFBackend,
+    OutputExistsError,
+    Prompt,
+    PromptValidationError,
+    encode_prompts,
+    load_prompts,
+    parse,
+    plan_batches,
+    run_generation,
+)
+
+PY = str(REPO_ROOT / ".venv" / "bin" / "python")
+if not Path(PY).exists():
+    PY = sys.executable
+
+PROMPTS = [
+    "def add(a, b):", "import os\n", "class Stack:\n    def push(self, x):", "# sort a list\n", "for i in range(",
+    "if __name__ == '__main__':", "def fib(n):\n    if n < 2:", "return", "x = [", "with open(path) as f:",
+    "try:\n    import json\nexcept ImportError:", "@property\ndef name(self):", "while True:", "print(",
+    "lambda x:", "from collections import", "assert isinstance(", "raise ValueError(", "yield from", "async def",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("gen") / "teacher"
+    make_llama(tiny_tokenizer, seed=1).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])
+
+
+def gen_args(teacher_dir, prompts, output, **kw) -> GenerateArguments:
+    base = dict(teacher_model=str(teacher_dir), prompts=str(prompts), output=str(output), chat_template="never",
+                max_new_tokens=12, batch_size=4, seed=0)
+    base.update(kw)
+    return GenerateArguments(**base)
+
+
+def cli(args: GenerateArguments) -> list[str]:
+    """The same config for a subprocess: every field in a YAML file next to the output."""
+    import yaml
+
+    path = Path(args.output).with_suffix(".config.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(vars(args)))
+    return ["--config", str(path)]
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def test_config_checks_name_the_field():
+    for kw, name in [(dict(temperature=0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(batch_size=0), "batch_size"),
+                     (dict(num_return_sequences=2), "num_return_sequences"), (dict(over_length="cut"), "over_length"),
+                     (dict(backend="tgi"), "backend"), (dict(max_prompts=0), "max_prompts")]:
+        with pytest.raises(ValueError, match=name):
+            GenerateArguments(**kw)
+    GenerateArguments(num_return_sequences=2, do_sample=True)
+
+
+def test_yaml_configs_parse():
+    args = parse(["--config", str(REPO_ROOT / "configs" / "generate.yaml"), "--max_prompts", "3"])
+    assert args.teacher_model == "embedded:teacher" and args.max_prompts == 3 and args.prompt_max_lines == 8
+    from llm_distill.run import parse as parse_distill
+
+    _, data_args, train_args = parse_distill(["--config", str(REPO_ROOT / "configs" / "two-stage-response-kd.yaml")])
+    assert data_args.dataset == "outputs/generate/responses.jsonl" and train_args.alpha == 0.0
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+
+def test_prompt_sources(tmp_path, prompts_file):
+    jsonl = load_prompts(GenerateArguments(prompts=str(prompts_file)))
+    assert [p.id for p in jsonl][:2] == ["p0", "p1"] and jsonl[2].prompt == PROMPTS[2]
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("first prompt\n\nsecond prompt\n")
+    assert [(p.id, p.prompt) for p in load_prompts(GenerateArguments(prompts=str(txt)))] == [(0, "first prompt"),
+                                                                                              (1, "second prompt")]
+    from datasets import Dataset
+
+    Dataset.from_dict({"question": ["a?", "b?"]}).save_to_disk(str(tmp_path / "ds"))
+    ds = load_prompts(GenerateArguments(prompts=str(tmp_path / "ds"), prompt_field="question"))
+    assert [p.prompt for p in ds] == ["a?", "b?"]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert load_prompts(GenerateArguments(prompts=str(chat)))[0].messages == [{"role": "user", "content": "hi"}]
+    capped = load_prompts(GenerateArguments(prompts=str(prompts_file), max_prompts=3, prompt_max_lines=1))
+    assert len(capped) == 3 and capped[2].prompt == "class Stack:\n"
+
+
+def test_bad_prompts_reported_with_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": 1, "prompt": "ok"},
+        '{"id": 2, "prompt": "unterminated',
+        {"id": 3, "question": "wrong field"},
+        {"id": 4, "prompt": "   "},
+        {"id": 1, "prompt": "duplicate id"},
+        {"id": 6, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ])
+    with pytest.raises(PromptValidationError) as err:
+        load_prompts(GenerateArguments(prompts=str(path)))
+    msg = str(err.value)
+    assert "5 bad prompt row(s)" in msg
+    for expected in ("line 2: not valid JSON", "line 3: field 'prompt' is missing", "line 4: field 'prompt' is empty",
+                     "line 5: id 1 already used at", "line 6: field 'messages' ends with an assistant turn"):
+        assert f"{path} {expected}" in msg
+
+
+def test_chat_template_applied_once_without_double_bos(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_bos_token = True  # the tokenizer adds BOS ...
+    tok.chat_template = "{{ bos_token }}" + tiny.CHAT_TEMPLATE  # ... and so does the template, like Llama 3
+    prompts = [Prompt(0, "a", prompt="def f():"), Prompt(1, "b", messages=[{"role": "user", "content": "hi"}])]
+    encoded, _ = encode_prompts(copy.deepcopy(prompts), tok, chat=True, max_prompt_length=100,
+                                over_length="error", system_prompt="Be brief.")
+    bos = tok.bos_token_id
+    for p in encoded:
+        assert p.input_ids[0] == bos and p.input_ids[1] != bos
+        assert tok.decode(p.input_ids).endswith("<|assistant|>\n")  # add_generation_prompt=True
+    assert tok.decode(encoded[0].input_ids) == "<|endoftext|><|system|>\nBe brief.<|end|>\n<|user|>\ndef f():<|end|>\n<|assistant|>\n"
+    raw, _ = encode_prompts(copy.deepcopy(prompts[:1]), tok, chat=False, max_prompt_length=100, over_length="error")
+    assert raw[0].input_ids == tok("def f():")["input_ids"]  # exactly what data.tokenize_prompt_response sees
+
+
+def test_over_length_policies(tiny_tokenizer):
+    long, short = "x = 1\n" * 40, "y = 2"
+    make = lambda: [Prompt(0, 0, prompt=long), Prompt(1, 1, prompt=short)]  # noqa: E731
+    full = tiny_tokenizer(long)["input_ids"]
+    kept, stats = encode_prompts(make(), tiny_tokenizer, False, 10, "truncate_left")
+    assert kept[0].input_ids == full[-10:] and kept[0].truncated and stats["truncated"] == 1
+    kept, stats = encode_prompts(make(), tiny_tokenizer, False, 10, "skip")
+    assert [p.id for p in kept] == [1] and stats["skipped_ids"] == [0]
+    with pytest.raises(PromptValidationError, match="Prompt 0 has .* tokens, more than max_prompt_length=10"):
+        encode_prompts(make(), tiny_tokenizer, False, 10, "error")
+
+
+def test_plan_is_sorted_longest_first_and_independent_of_world_size(tiny_tokenizer):
+    prompts = [Prompt(i, i, prompt=p, input_ids=tiny_tokenizer(p)["input_ids"]) for i, p in enumerate(PROMPTS)]
+    plan = plan_batches(prompts, 4)
+    lengths = [len(p.input_ids) for b in plan for p in b]
+    assert lengths == sorted(lengths, reverse=True) and sum(len(b) for b in plan) == len(PROMPTS)
+    assert sorted(p.id for b in plan for p in b) == list(range(len(PROMPTS)))
+
+
+# ------------------------------------------------------------------------------------- generation
+
+
+def encoded(tiny_tokenizer, texts):
+    return [Prompt(i, i, prompt=t, input_ids=tiny_tokenizer(t)["input_ids"]) for i, t in enumerate(texts)]
+
+
+def test_left_padded_batch_equals_one_at_a_time(tiny_tokenizer, llama_factory):
+    model = llama_factory(seed=1)
+    backend = HFBackend(model, tiny_tokenizer, GenerateArguments(max_new_tokens=10))
+    prompts = encoded(tiny_tokenizer, PROMPTS[:6])  # lengths differ, so the batch is left-padded
+    batched = backend.generate(prompts, seed=0)
+    for p, comps in zip(prompts, batched):
+        alone = backend.generate([p], seed=0)[0][0]
+        assert comps[0].token_ids == alone.token_ids and comps[0].finish_reason == alone.finish_reason
+
+
+def test_finish_reason_and_top_k_logprobs(tiny_tokenizer, llama_factory):
+    model = llama_factory(seed=1)
+    args = GenerateArguments(max_new_tokens=6, logprobs=3)
+    out = HFBackend(model, tiny_tokenizer, args).generate(encoded(tiny_tokenizer, PROMPTS[:3]), seed=0)
+    for (c,) in out:
+        assert c.finish_reason == "length" and len(c.token_ids) == 6 == len(c.top_ids) == len(c.top_logprobs)
+        for tok, ids, lps in zip(c.token_ids, c.top_ids, c.top_logprobs):
+            assert ids[0] == tok and len(ids) == 3 and lps == sorted(lps, reverse=True) and lps[0] <= 0
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: greedy picks id 0, which is EOS
+    assert tiny_tokenizer.eos_token_id == 0
+    (c,), = HFBackend(model, tiny_tokenizer, args).generate(encoded(tiny_tokenizer, PROMPTS[:1]), seed=0)
+    assert c.finish_reason == "eos" and c.token_ids == [] and c.top_ids == []
+
+
+def test_sampling_is_seeded_and_several_samples_per_prompt(tiny_tokenizer, llama_factory):
+    backend = HFBackend(llama_factory(seed=1), tiny_tokenizer,
+                        GenerateArguments(max_new_tokens=8, do_sample=True, num_return_sequences=3))
+    prompts = encoded(tiny_tokenizer, PROMPTS[:2])
+    a, b = backend.generate(prompts, seed=5), backend.generate(prompts, seed=5)
+    assert [[c.token_ids for c in p] for p in a] == [[c.token_ids for c in p] for p in b]
+    assert len(a) == 2 and all(len(p) == 3 for p in a)
+    assert len({tuple(c.token_ids) for c in a[0]}) > 1
+
+
+# --------------------------------------------------------------------------- output, resume, merge
+
+
+def test_rows_metadata_and_input_order(teacher_dir, prompts_file, tmp_path):
+    args = gen_args(teacher_dir, prompts_file, tmp_path / "out.jsonl", drop_empty=False)
+    summary = run_generation(args)
+    rows = read(args.output)
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(len(PROMPTS))]  # input order, not length order
+    r = rows[3]
+    assert r["prompt"] == PROMPTS[3] and r["teacher"] == str(teacher_dir) and r["finish_reason"] in ("eos", "length")
+    assert r["generation"] == {"max_new_tokens": 12, "do_sample": False, "seed": 0}
+    assert r["prompt_tokens"] > 0 and 0 <= r["response_tokens"] <= 12
+    assert summary["world_size"] == 1 and summary["rows_written"] == len(PROMPTS)
+    assert not Path(str(args.output) + ".parts").exists()
+    again = run_generation(args)  # same config, complete: nothing to do
+    assert again["status_at_start"] == "complete" and again["rows_generated_this_run"] == 0
+    assert read(args.output) == rows
+
+
+def test_resume_repairs_truncated_line_and_matches_uninterrupted(teacher_dir, prompts_file, tmp_path):
+    full = gen_args(teacher_dir, prompts_file, tmp_path / "full.jsonl", drop_empty=False)
+    run_generation(full)
+    reference = read(full.output)
+
+    # A crash: two batches on disk (rows in plan order), the third cut mid-line, no final file.
+    part = gen_args(teacher_dir, prompts_file, tmp_path / "part.jsonl", drop_empty=False)
+    store_meta = json.loads((tmp_path / "full.meta.json").read_text())
+    (tmp_path / "part.meta.json").write_text(json.dumps({"fingerprint": store_meta["fingerprint"], "complete": False}))
+    shard = tmp_path / "part.jsonl.parts" / "shard-00000.jsonl"
+    shard.parent.mkdir()
+    by_id = {r["id"]: r for r in reference}
+    written = [by_id[f"p{i}"] for i in (0, 5, 7, 10, 11, 16, 18, 2, 3)]
+    shard.write_text("".join(json.dumps(r) + "\n" for r in written) + json.dumps(by_id["p4"])[:25])
+    summary = run_generation(part)
+    assert summary["rows_already_done"] == len(written) and summary["status_at_start"] == "resume"
+    assert summary["rows_generated_this_run"] == len(PROMPTS) - len(written)
+    assert read(part.output) == reference
+
+
+def test_different_config_is_refused_unless_overwrite(teacher_dir, prompts_file, tmp_path):
+    args = gen_args(teacher_dir, prompts_file, tmp_path / "out.jsonl", max_prompts=4)
+    run_generation(args)
+    changed = gen_args(teacher_dir, prompts_file, tmp_path / "out.jsonl", max_prompts=4, max_new_tokens=5)
+    with pytest.raises(OutputExistsError, match="max_new_tokens: 12 -> 5.*--overwrite"):
+        run_generation(changed)
+    changed.overwrite = True
+    run_generation(changed)
+    assert all(r["generation"]["max_new_tokens"] == 5 for r in read(changed.output))
+    (tmp_path / "foreign.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(OutputExistsError, match="not written by this generator"):
+        run_generation(gen_args(teacher_dir, prompts_file, tmp_path / "foreign.jsonl"))
+
+
+def test_vllm_backend_missing_gives_clear_error(teacher_dir, prompts_file, tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install vllm"):
+        run_generation(gen_args(teacher_dir, prompts_file, tmp_path / "v.jsonl", backend="vllm"))
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_generated_rows_train_with_sequence_and_logit_kd(teacher_dir, prompts_file, tmp_path, tiny_tokenizer):
+    from llm_distill.config import DataArguments
+    from llm_distill.data import load_rows, prepare_dataset
+    from llm_distill.losses import IGNORE_INDEX
+    from llm_distill.run import run_distillation
+
+    args = gen_args(teacher_dir, prompts_file, tmp_path / "gen.jsonl", logprobs=2)
+    run_generation(args)
+    ds, fmt = load_rows(args.output)
+    assert fmt == "prompt_response"
+    rows = read(args.output)
+    tokenized = prepare_dataset(ds, fmt, tiny_tokenizer, DataArguments(max_length=64))
+    for row, tok in zip(rows, tokenized):
+        n_prompt = len(tiny_tokenizer(row["prompt"])["input_ids"])
+        assert tok["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt  # loss on the response only
+        ends_with_eos = tok["input_ids"][-1] == tiny_tokenizer.eos_token_id
+        assert ends_with_eos == (row["finish_reason"] == "eos")     # no EOS after a cut response
+
+    student = tmp_path / "student"
+    make_llama(tiny_tokenizer, seed=2, hidden_size=16, intermediate_size=32).save_pretrained(student)
+    tiny_tokenizer.save_pretrained(student)
+    for alpha in ("0.0", "0.5"):
+        result = run_distillation([
+            "--config", str(REPO_ROOT / "configs" / "two-stage-response-kd.yaml"), "--dataset", str(args.output),
+            "--teacher_model", str(teacher_dir), "--student_model", str(student), "--eval_dataset", str(args.output),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "64", "--alpha", alpha,
+            "--output_dir", str(tmp_path / f"out-{alpha}"), "--use_cpu", "true", "--logging_steps", "1",
+        ])
+        assert result["steps"] == 2 and result["student_perplexity_after"] < result["student_perplexity_before"]
+
+
+def test_chat_rows_are_messages_the_trainer_reads(teacher_dir, tmp_path, tiny_tokenizer):
+    from llm_distill.data import load_rows
+
+    prompts = write_jsonl(tmp_path / "chat.jsonl", [
+        {"id": "a", "messages": [{"role": "user", "content": "def add(a, b):"}]},
+        {"id": "b", "prompt": "import os"},
+    ])
+    args = gen_args(teacher_dir, prompts, tmp_path / "chat_out.jsonl", chat_template="auto", drop_empty=False)
+    run_generation(args)
+    rows = read(args.output)
+    assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant"]
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": rows[0]["response"]}
+    if all(r["response"].strip() for r in rows):
+        assert load_rows(args.output)[1] == "messages"
+
+
+# --------------------------------------------------------------------------- real processes (slow)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "LLM_DISTILL_PRINT_JSON": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def summary_of(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(teacher_dir, tmp_path):
+    n = 60
+    many = write_jsonl(tmp_path / "many.jsonl", [{"id": i, "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // 20)}
+                                                 for i in range(n)])
+    script = [PY, str(REPO_ROOT / "scripts" / "generate.py")]
+    small = dict(batch_size=2, max_new_tokens=8, drop_empty=False)
+    reference = gen_args(teacher_dir, many, tmp_path / "ref.jsonl", **small)
+    run_generation(reference)
+
+    args = gen_args(teacher_dir, many, tmp_path / "killed.jsonl", **small)
+    shard = tmp_path / "killed.jsonl.parts" / "shard-00000.jsonl"
+    proc = subprocess.Popen(script + cli(args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shard.exists() and shard.read_text().count("\n") >= 2:  # at least one complete batch on disk
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the generator finished before it could be killed:\n" + proc.communicate()[0][-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = shard.read_text().count("\n")
+    assert 2 <= done_at_kill < n and not Path(args.output).exists()
+
+    out = subprocess.run(script + cli(args), env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = summary_of(out.stdout)
+    assert summary["status_at_start"] == "resume" and summary["rows_already_done"] >= done_at_kill - 2
+    rows = read(args.output)
+    assert sorted(r["id"] for r in rows) == list(range(n))       # every id exactly once
+    assert rows == read(reference.output)                          # identical to the uninterrupted greedy run
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(teacher_dir, tmp_path):
+    many = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": PROMPTS[i % len(PROMPTS)] + "\n" * (i % 3)}
+                                              for i in range(16)])
+    one = gen_args(teacher_dir, many, tmp_path / "one.jsonl", batch_size=4, max_new_tokens=8, drop_empty=False)
+    assert run_generation(one)["world_size"] == 1
+
+    two = gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=8, drop_empty=False)
+    launch = [str(REPO_ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(REPO_ROOT / "scripts" / "generate.py")]
+    out = subprocess.run(launch + cli(two), env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = summary_of(out.stdout)
+    assert summary["world_size"] == 2 and [r["rank"] for r in summary["per_rank"]] == [0, 1]
+    assert all(r["rows"] > 0 for r in summary["per_rank"])           # both ranks really generated
+    assert read(two.output) == read(one.output)
