@@ -3,8 +3,17 @@
 from llm_distill.cli import ConfigError, parse_args_and_config
 from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
 from llm_distill.data import DataValidationError, DistillationCollator, load_rows, prepare_dataset
+from llm_distill.distributed import prepare_teacher
 from llm_distill.evaluation import evaluate_models
-from llm_distill.losses import LOSS_TYPES, DistillationLossOutput, distillation_loss, token_divergence
+from llm_distill.generation import GenerateArguments, run_generation
+from llm_distill.losses import (
+    LOSS_TYPES,
+    DistillationLossOutput,
+    chunked_distillation_loss,
+    distillation_loss,
+    token_divergence,
+    topk_divergence,
+)
 from llm_distill.models import (
     VocabularyMismatchError,
     check_tokenizers_compatible,
@@ -12,29 +21,60 @@ from llm_distill.models import (
     select_teacher_layers,
     student_from_teacher,
 )
+from llm_distill.speculative import (
+    SpeculativeDecoder,
+    SpeculativeOutput,
+    SpeculativeStats,
+    expected_accepted_length,
+    expected_speedup,
+    optimal_gamma,
+)
+from llm_distill.teacher_logits import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError",
+    # distillation
+    "DistillationConfig",
+    "DistillationTrainer",
+    "ModelArguments",
     "DataArguments",
+    "prepare_teacher",
+    # losses
+    "LOSS_TYPES",
+    "DistillationLossOutput",
+    "chunked_distillation_loss",
+    "distillation_loss",
+    "token_divergence",
+    "topk_divergence",
+    # data
     "DataValidationError",
     "DistillationCollator",
-    "DistillationConfig",
-    "DistillationLossOutput",
-    "DistillationTrainer",
-    "LOSS_TYPES",
-    "ModelArguments",
+    "load_rows",
+    "prepare_dataset",
+    # offline KD (stored teacher top-k)
+    "TopKCollator",
+    "load_teacher_logits",
+    "store_teacher_logits",
+    # models
     "VocabularyMismatchError",
     "check_tokenizers_compatible",
     "check_vocab_compatible",
-    "distillation_loss",
-    "evaluate_models",
-    "load_rows",
-    "parse_args_and_config",
-    "prepare_dataset",
     "select_teacher_layers",
     "student_from_teacher",
-    "token_divergence",
+    # response distillation
+    "GenerateArguments",
+    "run_generation",
+    # speculative decoding
+    "SpeculativeDecoder",
+    "SpeculativeOutput",
+    "SpeculativeStats",
+    "expected_accepted_length",
+    "expected_speedup",
+    "optimal_gamma",
+    # evaluation, config
+    "evaluate_models",
+    "ConfigError",
+    "parse_args_and_config",
 ]
