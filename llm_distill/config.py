@@ -6,13 +6,16 @@ Every field carries ``help`` (it is the ``--help`` text and the YAML reference) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from llm_distill.losses import LOSS_TYPES
+from llm_distill.losses import LOSS_TYPES, LossWeights
 
 STUDENT_INITS = ("pretrained", "teacher_layers", "fresh")
+KD_POSITIONS = ("labels", "all")
+TRIPLE_WEIGHTS = ("alpha_kd", "alpha_mlm", "alpha_clm", "alpha_cos", "alpha_mse")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -61,6 +64,49 @@ class DistillationConfig(TrainingArguments):
                           "log-probabilities per token). Training then reads its rows and needs no teacher in "
                           "memory; the 'dataset' setting is not used for training."},
     )
+    # DistilBERT's triple loss (Sanh et al. 2019). Opt-in: while alpha_kd / alpha_mlm / alpha_clm are all unset,
+    # `alpha` sets the KD / CE weights as before; alpha_cos / alpha_mse add the hidden-state terms in either mode.
+    alpha_kd: float | None = field(
+        default=None,
+        metadata={"help": "Triple loss: weight of the KD term (>= 0; DistilBERT's --alpha_ce, 5.0 in its training "
+                          "command). Setting alpha_kd, alpha_mlm or alpha_clm switches to explicit weights: loss = "
+                          "alpha_kd*kd + alpha_mlm|alpha_clm*ce + alpha_cos*cos + alpha_mse*mse (an unset weight is "
+                          "0) and alpha is ignored."},
+    )
+    alpha_mlm: float | None = field(
+        default=None,
+        metadata={"help": "Triple loss: weight of the masked-LM cross-entropy on the masked tokens (>= 0; "
+                          "DistilBERT: 2.0). For masked-LM students; causal students use alpha_clm."},
+    )
+    alpha_clm: float | None = field(
+        default=None,
+        metadata={"help": "Triple loss: weight of the causal-LM cross-entropy on the labels (>= 0). For causal "
+                          "students; masked-LM students use alpha_mlm."},
+    )
+    alpha_cos: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the cosine-embedding loss 1 - cos(h_student, h_teacher) between the last hidden "
+                          "states at every non-padded position (>= 0; DistilBERT: 1.0). When the hidden sizes "
+                          "differ, a learned linear projection student -> teacher is trained with the student "
+                          "(saved in checkpoints, never in the student). Unset = 0."},
+    )
+    alpha_mse: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the mean squared error between the last hidden states (same positions and "
+                          "projection as alpha_cos; TinyBERT-style). Note: DistilBERT's alpha_mse was an MSE on "
+                          "logits. Unset = 0."},
+    )
+    kd_positions: str = field(
+        default="labels",
+        metadata={"help": "Where the KD term is computed: labels = the positions with a label (causal: the "
+                          "response / text tokens; masked LM: only the masked tokens, DistilBERT's "
+                          "--restrict_ce_to_mask); all = every non-padded position (DistilBERT's default)."},
+    )
+    mlm_probability: float = field(
+        default=0.15,
+        metadata={"help": "Masked-LM teachers: fraction of tokens masked per training sequence (BERT's 80% "
+                          "<mask> / 10% random / 10% unchanged), and of the fixed held-out masking."},
+    )
 
     def __post_init__(self):
         _check(self.temperature > 0, "temperature", self.temperature, "a number > 0 (e.g. 1.0 or 2.0)")
@@ -70,7 +116,49 @@ class DistillationConfig(TrainingArguments):
         _check(0.0 <= self.skew_lambda < 1.0, "skew_lambda", self.skew_lambda, "a number in [0, 1)")
         _check(self.loss_chunk_size >= 0, "loss_chunk_size", self.loss_chunk_size,
                "an integer >= 0 (e.g. 1024; 0 = plain full-logits path)")
+        self._check_triple_loss()
         super().__post_init__()
+
+    def _check_triple_loss(self) -> None:
+        for name in TRIPLE_WEIGHTS:
+            value = getattr(self, name)
+            _check(value is None or (math.isfinite(value) and value >= 0.0), name, value,
+                   "a number >= 0, or null (unset)")
+        if self.alpha_mlm is not None and self.alpha_clm is not None:
+            raise ValueError(f"alpha_mlm={self.alpha_mlm} and alpha_clm={self.alpha_clm} are both set: they are the "
+                             "same weight (the label cross-entropy) for masked-LM and causal students; set only one.")
+        weights = self.loss_weights()
+        if self.uses_explicit_weights() and weights.kd + weights.ce + weights.cos + weights.mse == 0.0:
+            raise ValueError("alpha_kd, alpha_mlm/alpha_clm, alpha_cos and alpha_mse are all 0: nothing to train on. "
+                             "Set at least one > 0 (DistilBERT: alpha_kd 5.0, alpha_mlm 2.0, alpha_cos 1.0).")
+        _check(self.kd_positions in KD_POSITIONS, "kd_positions", self.kd_positions, f"one of {', '.join(KD_POSITIONS)}")
+        _check(0.0 < self.mlm_probability < 1.0, "mlm_probability", self.mlm_probability, "a number in (0, 1)")
+        if self.teacher_logits and weights.uses_hidden:
+            raise ValueError(f"alpha_cos / alpha_mse need the teacher's hidden states, but teacher_logits="
+                             f"{self.teacher_logits!r} (offline KD) loads no teacher: unset alpha_cos / alpha_mse, or "
+                             "unset teacher_logits to distil from a live teacher.")
+        if self.teacher_logits and self.kd_positions != "labels":
+            raise ValueError("kd_positions=all needs a live teacher: stored teacher logits cover the label positions "
+                             "only. Use kd_positions=labels with teacher_logits.")
+
+    def uses_explicit_weights(self) -> bool:
+        """True when alpha_kd / alpha_mlm / alpha_clm set the KD and CE weights (``alpha`` is then ignored)."""
+        return any(getattr(self, name) is not None for name in ("alpha_kd", "alpha_mlm", "alpha_clm"))
+
+    def loss_weights(self) -> LossWeights:
+        """The loss weights, with this precedence: explicit ``alpha_kd`` / ``alpha_mlm`` | ``alpha_clm`` when any is
+        set (unset ones are 0), else ``alpha`` / ``1 - alpha``; ``alpha_cos`` / ``alpha_mse`` (unset = 0) add the
+        hidden-state terms in both cases."""
+        cos, mse = self.alpha_cos or 0.0, self.alpha_mse or 0.0
+        if not self.uses_explicit_weights():
+            return LossWeights.from_alpha(self.alpha, cos=cos, mse=mse)
+        ce = self.alpha_mlm if self.alpha_mlm is not None else self.alpha_clm
+        return LossWeights(kd=self.alpha_kd or 0.0, ce=ce or 0.0, cos=cos, mse=mse)
+
+    def needs_teacher(self) -> bool:
+        """Whether training runs a live teacher (a KD term without stored logits, or a hidden-state term)."""
+        weights = self.loss_weights()
+        return (weights.kd > 0.0 and not self.teacher_logits) or weights.uses_hidden
 
 
 @dataclass
@@ -102,6 +190,12 @@ class ModelArguments:
         default="linspace",
         metadata={"help": "Which teacher layers a teacher_layers student copies: linspace (evenly spaced, keeps "
                           "first and last) or every_other (DistilBERT)."},
+    )
+    student_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Explicit teacher layer indices a teacher_layers student copies, in increasing order, e.g. "
+                          "[0, 2, 4, 7, 9, 11] (DistilBERT's extract_distilbert.py); overrides "
+                          "student_layer_strategy."},
     )
     tokenizer: str | None = field(
         default=None,
@@ -139,6 +233,16 @@ class ModelArguments:
                              "set it, or use student_init=teacher_layers to build the student from the teacher.")
         _check(self.student_num_layers is None or self.student_num_layers >= 1, "student_num_layers",
                self.student_num_layers, "an integer >= 1")
+        if self.student_layers is not None:
+            layers = self.student_layers
+            _check(len(layers) >= 1 and all(b > a for a, b in zip(layers, layers[1:])) and layers[0] >= 0,
+                   "student_layers", layers, "a non-empty list of increasing teacher layer indices >= 0, e.g. [0, 2]")
+            if self.student_init != "teacher_layers":
+                raise ValueError(f"student_layers={layers} only applies to student_init=teacher_layers (got "
+                                 f"student_init={self.student_init}).")
+            if self.student_num_layers not in (None, len(layers)):
+                raise ValueError(f"student_num_layers={self.student_num_layers} disagrees with student_layers={layers} "
+                                 f"({len(layers)} layers): set only student_layers.")
         _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
 
 

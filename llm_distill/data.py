@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
+from transformers import DataCollatorForLanguageModeling
 
 from llm_distill import tiny
 from llm_distill.losses import IGNORE_INDEX
@@ -268,3 +269,36 @@ class DistillationCollator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------- masked LMs
+
+
+def masked_lm_collator(tokenizer, mlm_probability: float = 0.15, seed: int | None = None):
+    """BERT's masking (``mlm_probability`` of the tokens; of those 80% ``<mask>``, 10% random, 10% unchanged;
+    special tokens never), padded, with ``labels`` -100 everywhere but the masked tokens. Seeded: same seed, same
+    masks. Rows need only ``input_ids`` (see :func:`for_masked_lm`)."""
+    if tokenizer.mask_token is None:
+        raise DataValidationError("Masked-LM distillation needs a tokenizer with a mask token (tokenizer.mask_token is "
+                                  "None): use the teacher's own tokenizer.")
+    return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+
+
+def for_masked_lm(dataset: Dataset, fmt: str, where: str) -> Dataset:
+    """Tokenised text rows for a masked LM: ``input_ids`` only (the collator makes the labels)."""
+    if fmt != "text":
+        raise DataValidationError(f"{where}: a masked-LM teacher is distilled on raw text, but the rows are {fmt} "
+                                  "(prompt / response or chat). Use rows with a 'text' field.")
+    return dataset.remove_columns([c for c in dataset.column_names if c != "input_ids"])
+
+
+def mask_once(dataset: Dataset, tokenizer, mlm_probability: float = 0.15, seed: int = 0) -> Dataset:
+    """The held-out set masked once, deterministically: ``input_ids`` with the masks applied and ``labels`` on the
+    masked tokens. Every model evaluated on it (teacher, student before and after, any run with the same seed) is
+    scored on identical masks; :class:`DistillationCollator` pads it."""
+    collator = masked_lm_collator(tokenizer, mlm_probability, seed)
+    rows = []
+    for ids in dataset["input_ids"]:  # one row at a time: no padding, so the masks do not depend on batching
+        batch = collator([{"input_ids": ids}])
+        rows.append({"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
+    return Dataset.from_list(rows)

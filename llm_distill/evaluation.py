@@ -11,6 +11,7 @@ over the logits we already have.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -26,11 +27,12 @@ from llm_distill.losses import IGNORE_INDEX
 @torch.no_grad()
 def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, reference: str | None = "teacher",
                     shift_labels: bool = True) -> dict[str, dict[str, float]]:
-    """Perplexity of every model in ``models`` and its top-1 agreement with ``models[reference]``.
+    """Perplexity and top-1 accuracy of every model in ``models``, and its top-1 agreement with ``models[reference]``.
 
     The dataset is split across processes (no row is counted twice); sums are reduced. When a model is
     sharded (FSDP / ZeRO-3) ranks with fewer batches run uncounted filler batches so the collectives match.
-    Returns ``{name: {"perplexity", "nll", "tokens", "top1_agreement"?}}``.
+    With ``shift_labels=False`` (masked LMs) the valid positions are the masked tokens, so these are masked-token
+    perplexity and accuracy. Returns ``{name: {"perplexity", "nll", "accuracy", "tokens", "top1_agreement"?}}``.
     """
     state = PartialState()
     device = state.device
@@ -43,7 +45,7 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
         n_max = math.ceil(math.ceil(len(dataset) / state.num_processes) / batch_size)
         filler = collator([dataset[0]])
         batches += [(filler, False)] * (n_max - len(batches))
-    sums = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in models}  # nll, tokens, agree
+    sums = {name: torch.zeros(4, dtype=torch.float64, device=device) for name in models}  # nll, tokens, agree, correct
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -59,6 +61,7 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
             sums[name][0] += F.cross_entropy(logits, targets[valid], reduction="sum").double()
             sums[name][1] += valid.sum()
             argmax[name] = logits.argmax(-1)
+            sums[name][3] += (argmax[name] == targets[valid]).sum()
         if reference in argmax:
             for name in models:
                 sums[name][2] += (argmax[name] == argmax[reference]).sum()
@@ -67,12 +70,28 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
     results = {}
     for name, s in sums.items():
         s = reduce(s, reduction="sum") if state.num_processes > 1 else s
-        nll, tokens, agree = s.tolist()
+        nll, tokens, agree, correct = s.tolist()
         tokens = max(tokens, 1.0)
-        results[name] = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": int(tokens)}
+        results[name] = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "accuracy": correct / tokens,
+                         "tokens": int(tokens)}
         if reference in models:
             results[name]["top1_agreement"] = agree / tokens
     return results
+
+
+@torch.no_grad()
+def forward_latency(models: dict, input_ids: torch.Tensor, repeats: int = 10) -> dict[str, float]:
+    """Median seconds of one forward pass of each model on ``input_ids`` ``(B, S)``, after one warm-up pass. The
+    models take turns within each repeat, so a load spike on a shared machine hits all of them, not just one."""
+    times = {name: [] for name in models}
+    for model in models.values():
+        model.eval()(input_ids=input_ids)
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(input_ids=input_ids)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class Stopwatch:

@@ -37,12 +37,14 @@ _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_softcapping": None,
 @dataclass
 class HeadFeatures:
     """``features`` is ``(B, S, H)`` final hidden states with ``weight`` ``(V, H)``, or ``(B, S, V)`` logits with
-    ``weight=None`` (fallback)."""
+    ``weight=None`` (fallback). ``hidden`` is the ``(B, S, H)`` last hidden state (for the triple loss's cosine
+    term) when it was asked for: the fused path has it anyway, the fallback asks the model for it."""
 
     outputs: object
     features: torch.Tensor
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,15 +77,18 @@ class LMHeadPath:
         self.role = role  # "student" (trained, possibly wrapped) or "teacher" (frozen, called directly)
         self.fused: bool | None = None
 
-    def __call__(self, model: torch.nn.Module, inputs: dict) -> HeadFeatures:
+    def __call__(self, model: torch.nn.Module, inputs: dict, need_hidden: bool = False) -> HeadFeatures:
         if self.fused is None:
             self.fused = self._decide(model, inputs)
         if not self.fused:
-            outputs = model(**inputs)
-            return HeadFeatures(outputs, outputs.logits)
+            if not need_hidden:
+                outputs = model(**inputs)
+                return HeadFeatures(outputs, outputs.logits)
+            outputs = model(**inputs, output_hidden_states=True)  # e.g. BERT: the MLM head is not a plain Linear
+            return HeadFeatures(outputs, outputs.logits, hidden=outputs.hidden_states[-1])
         head, _ = plain_lm_head(model)
         outputs, hidden = self._hidden(model, inputs)
-        return HeadFeatures(outputs, hidden, head.weight, head.bias)
+        return HeadFeatures(outputs, hidden, head.weight, head.bias, hidden=hidden)
 
     def _hidden(self, model, inputs):
         if self.role == "teacher":

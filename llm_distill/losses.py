@@ -23,6 +23,12 @@ tvd                 1/2 sum |p - q|                                 DistiLLM / W
 The final loss is ``alpha * kd + (1 - alpha) * ce``, both terms a *sum over valid tokens divided by the
 number of valid tokens in the whole (accumulated, all-rank) batch*: ``Trainer`` passes that count as
 ``num_items_in_batch``, which is what makes 2 micro-batches of 4 exactly equal to 1 batch of 8.
+
+DistilBERT's triple loss (Sanh et al. 2019) generalises the weights - ``LossWeights``:
+``kd * KD + ce * CE + cos * COS [+ mse * MSE]``, where COS is the cosine-embedding loss ``1 - cos(h_s, h_t)``
+between the student's and the teacher's last hidden states at every non-padded position and MSE their mean
+squared error (``hidden_state_loss``; a learned projection maps the student's width to the teacher's when they
+differ). ``alpha`` is the special case ``LossWeights(kd=alpha, ce=1 - alpha)``.
 """
 
 from __future__ import annotations
@@ -97,14 +103,39 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return logits[:, :-1, :], labels[:, 1:]
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """``loss = kd * kd_loss + ce * ce_loss + cos * cos_loss + mse * mse_loss`` (all >= 0).
+
+    DistilBERT's distiller (huggingface/transformers ``examples/research_projects/distillation``, README training
+    command) used ``kd=5.0`` (its ``--alpha_ce``), ``ce=2.0`` (``--alpha_mlm``), ``cos=1.0`` (``--alpha_cos``).
+    """
+
+    kd: float = 0.5
+    ce: float = 0.5
+    cos: float = 0.0
+    mse: float = 0.0
+
+    @classmethod
+    def from_alpha(cls, alpha: float, cos: float = 0.0, mse: float = 0.0) -> LossWeights:
+        return cls(kd=alpha, ce=1.0 - alpha, cos=cos, mse=mse)
+
+    @property
+    def uses_hidden(self) -> bool:
+        """Whether the hidden-state terms (cosine / MSE) are part of the loss."""
+        return self.cos > 0.0 or self.mse > 0.0
+
+
 @dataclass
 class DistillationLossOutput:
-    """The combined loss and each term, normalised by the same token count (for logging)."""
+    """The combined loss and each term (for logging); ``loss`` is exactly the weighted sum of the terms."""
 
     loss: torch.Tensor
     kd_loss: torch.Tensor
     ce_loss: torch.Tensor
     num_tokens: torch.Tensor  # valid positions in this micro-batch (the local denominator)
+    cos_loss: torch.Tensor | None = None  # set when the hidden-state terms are used (``with_hidden_terms``)
+    mse_loss: torch.Tensor | None = None
 
 
 def distillation_loss(
@@ -119,6 +150,9 @@ def distillation_loss(
     skew_lambda: float = 0.1,
     num_items_in_batch: int | torch.Tensor | None = None,
     shift_labels: bool = True,
+    weights: LossWeights | None = None,
+    kd_mask: torch.Tensor | None = None,
+    num_kd_items: int | torch.Tensor | None = None,
 ) -> DistillationLossOutput:
     """Masked KD + CE over the valid positions of a batch (the plain reference path).
 
@@ -131,32 +165,148 @@ def distillation_loss(
         num_items_in_batch: valid tokens in the whole accumulated batch (``Trainer`` passes it); ``None``
             normalises by this micro-batch's own count.
         shift_labels: ``True`` for causal LMs (logits at t predict label t+1), ``False`` for masked LMs.
+        weights: explicit KD / CE weights (``LossWeights.kd`` / ``.ce``; ``alpha`` is then ignored). The hidden-state
+            weights are ``hidden_state_loss``'s business.
+        kd_mask: ``(B, S)`` positions that get the KD term, in the labels' frame (shifted like them for causal
+            LMs), e.g. the attention mask for DistilBERT's KD on every non-padded position; ``None`` = the label
+            positions (for a masked LM: only the masked tokens).
+        num_kd_items: ``kd_mask`` positions in the whole accumulated batch (the KD denominator, like
+            ``num_items_in_batch`` for CE); ``None`` normalises by this micro-batch's own count.
     """
+    weights = weights or LossWeights.from_alpha(alpha)
     if shift_labels:
         student_logits, labels_s = shift_for_causal_lm(student_logits, labels)
         if teacher_logits is not None:
             teacher_logits = teacher_logits[:, :-1, :]
+        kd_mask = kd_mask[:, 1:] if kd_mask is not None else None
     else:
         labels_s = labels
     valid = labels_s != IGNORE_INDEX  # (B, S')
     num_tokens = valid.sum()
-    denom = num_items_in_batch if num_items_in_batch is not None else num_tokens
-    denom = torch.as_tensor(denom, device=student_logits.device, dtype=torch.float32).clamp_min(1.0)
+    denom = _denominator(num_items_in_batch, num_tokens)
+    kd_valid, kd_denom = (valid, denom) if kd_mask is None else (kd_mask.bool(), _denominator(num_kd_items, kd_mask.sum()))
 
     s = student_logits[valid]  # (N, Vs) only valid positions are ever computed
     targets = labels_s[valid]  # (N,)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and weights.ce > 0.0):
         ce = F.cross_entropy(s.float(), targets, reduction="sum") / denom
 
-    if teacher_logits is None or alpha == 0.0:
+    if teacher_logits is None or weights.kd == 0.0:
         kd = torch.zeros((), device=s.device)
     else:
-        t = teacher_logits[valid]  # (N, Vt)
-        vocab = min(s.shape[-1], t.shape[-1])
-        div = token_divergence(s[:, :vocab], t[:, :vocab], loss_type, temperature, jsd_beta, skew_lambda)
-        kd = div.sum() / denom
-    loss = alpha * kd + (1.0 - alpha) * ce
+        s_kd = s if kd_mask is None else student_logits[kd_valid]  # (N_kd, Vs)
+        t = teacher_logits[kd_valid]  # (N_kd, Vt)
+        vocab = min(s_kd.shape[-1], t.shape[-1])
+        div = token_divergence(s_kd[:, :vocab], t[:, :vocab], loss_type, temperature, jsd_beta, skew_lambda)
+        kd = div.sum() / kd_denom
+    loss = weights.kd * kd + weights.ce * ce
     return DistillationLossOutput(loss=loss, kd_loss=kd.detach(), ce_loss=ce.detach(), num_tokens=num_tokens)
+
+
+def _denominator(count: int | torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
+    """The normaliser of a summed term: the global count when given (gradient accumulation / all ranks), else the
+    local one; at least 1, so an all-masked batch gives 0 and no NaN."""
+    count = count if count is not None else local
+    return torch.as_tensor(count, device=local.device, dtype=torch.float32).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- hidden-state terms (triple loss)
+
+
+@dataclass
+class HiddenStateLossOutput:
+    """``loss = cos_weight * cos_loss + mse_weight * mse_loss``; the terms are detached (for logging)."""
+
+    loss: torch.Tensor
+    cos_loss: torch.Tensor
+    mse_loss: torch.Tensor
+    num_positions: torch.Tensor  # valid positions in this micro-batch (the local denominator)
+
+
+def hidden_state_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    cos_weight: float = 1.0,
+    mse_weight: float = 0.0,
+    projection: torch.nn.Module | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> HiddenStateLossOutput:
+    """Align the student's last hidden states with the teacher's on the valid positions (DistilBERT's ``loss_cos``).
+
+    ``cos_loss`` = sum over valid positions of ``1 - cos(h_s, h_t)``; ``mse_loss`` = sum over valid positions of
+    ``mean_d (h_s - h_t)**2``; both divided by the number of valid positions (``num_items_in_batch`` when given: the
+    whole accumulated, all-rank batch). DistilBERT's distiller computes its cosine term with
+    ``nn.CosineEmbeddingLoss(reduction="mean")`` (target 1) over every position where ``attention_mask`` is 1 -
+    masked-LM targets or not - which is what this does. (Its ``alpha_mse`` is an MSE between *logits*; here the MSE
+    is between hidden states, as in TinyBERT's hidden-state loss.)
+
+    Args:
+        student_hidden: ``(B, S, Hs)``.
+        teacher_hidden: ``(B, S, Ht)``, no gradient.
+        attention_mask: ``(B, S)``, 1 on real tokens (``None``: every position).
+        projection: maps ``(N, Hs) -> (N, Ht)`` (a learned ``nn.Linear`` when the widths differ); applied to the
+            student's valid rows only.
+        num_items_in_batch: valid positions in the whole accumulated batch; ``None`` = this batch's own count.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones(student_hidden.shape[:2], dtype=torch.bool, device=student_hidden.device)
+    valid = attention_mask.bool()  # (B, S)
+    num_positions = valid.sum()
+    denom = _denominator(num_items_in_batch, num_positions)
+    s = student_hidden[valid]  # (N, Hs)
+    if projection is not None:
+        s = projection(s.to(next(projection.parameters()).dtype))  # (N, Ht)
+    t = teacher_hidden[valid].detach().float()  # (N, Ht)
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"Student hidden size {s.shape[-1]} != teacher hidden size {t.shape[-1]}: pass a projection "
+                         "(DistillationTrainer creates a learned one when alpha_cos / alpha_mse > 0).")
+    s = s.float()
+    zero = s.new_zeros(())
+    cos = (1.0 - F.cosine_similarity(s, t, dim=-1)).sum() / denom if cos_weight > 0.0 else zero
+    mse = (s - t).pow(2).mean(-1).sum() / denom if mse_weight > 0.0 else zero
+    loss = cos_weight * cos + mse_weight * mse
+    return HiddenStateLossOutput(loss=loss, cos_loss=cos.detach(), mse_loss=mse.detach(), num_positions=num_positions)
+
+
+def with_hidden_terms(out: DistillationLossOutput, hidden: HiddenStateLossOutput, weights: LossWeights
+                      ) -> DistillationLossOutput:
+    """The triple loss: KD + CE from ``out`` plus the hidden-state terms (only those whose weight is > 0 are
+    reported, so that the reported terms combine exactly into ``loss``)."""
+    return DistillationLossOutput(
+        loss=out.loss + hidden.loss, kd_loss=out.kd_loss, ce_loss=out.ce_loss, num_tokens=out.num_tokens,
+        cos_loss=hidden.cos_loss if weights.cos > 0.0 else None,
+        mse_loss=hidden.mse_loss if weights.mse > 0.0 else None,
+    )
+
+
+def triple_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    student_hidden: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    weights: LossWeights,
+    projection: torch.nn.Module | None = None,
+    num_hidden_items: int | torch.Tensor | None = None,
+    **kd_kwargs,
+) -> DistillationLossOutput:
+    """DistilBERT's loss, plain path: ``weights.kd * KD + weights.ce * CE + weights.cos * COS + weights.mse * MSE``.
+
+    ``student_logits`` / ``teacher_logits`` / ``labels`` and ``kd_kwargs`` (``loss_type``, ``temperature``,
+    ``kd_mask``, ``num_items_in_batch``, ``num_kd_items``, ``shift_labels`` ...) go to ``distillation_loss``; the
+    ``(B, S, H)`` hidden states, ``attention_mask``, ``projection`` and ``num_hidden_items`` to
+    ``hidden_state_loss`` (skipped when ``weights.cos == weights.mse == 0``).
+    """
+    out = distillation_loss(student_logits, teacher_logits, labels, weights=weights, **kd_kwargs)
+    if not weights.uses_hidden:
+        return out
+    hidden = hidden_state_loss(student_hidden, teacher_hidden, attention_mask, cos_weight=weights.cos,
+                               mse_weight=weights.mse, projection=projection, num_items_in_batch=num_hidden_items)
+    return with_hidden_terms(out, hidden, weights)
 
 
 # ----------------------------------------------------------------------------- memory-lean (chunked / fused) path
@@ -216,7 +366,8 @@ class ChunkedLossOptions:
 
     loss_type: str = "forward_kl"
     temperature: float = 1.0
-    alpha: float = 0.5
+    kd_weight: float = 0.5
+    ce_weight: float = 0.5
     jsd_beta: float = 0.5
     skew_lambda: float = 0.1
     chunk_size: int = 1024
@@ -229,11 +380,14 @@ def _project(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     return F.linear(x, weight, bias).float()  # matmul in the model's dtype, as its own lm_head would do
 
 
-def _chunk_objective(logits, teacher, targets, opts: ChunkedLossOptions):
+def _chunk_objective(logits, teacher, targets, opts: ChunkedLossOptions, kd_rows=None):
     """(c, Vs) fp32 student logits -> (kd_sum, ce_sum) over the chunk; ``teacher`` is (c, Vt) logits,
-    a ``(topk_ids, topk_logprobs)`` pair, or ``None``."""
-    ce = F.cross_entropy(logits, targets, reduction="sum")
-    if teacher is None or opts.alpha == 0.0:
+    a ``(topk_ids, topk_logprobs)`` pair, or ``None``. ``targets`` is -100 on rows that get only the KD term and
+    ``kd_rows`` (c,) selects the rows that get it (``None``: all)."""
+    ce = F.cross_entropy(logits, targets, reduction="sum")  # ignore_index=-100: a sum over the label rows only
+    if kd_rows is not None and torch.is_tensor(teacher):
+        logits, teacher = logits[kd_rows], teacher[kd_rows]
+    if teacher is None or opts.kd_weight == 0.0:
         kd = logits.new_zeros(())
     elif isinstance(teacher, tuple):
         kd = topk_divergence(logits, *teacher, opts.loss_type, opts.temperature, opts.jsd_beta, opts.skew_lambda).sum()
@@ -250,13 +404,13 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, topk_ids, topk_logprobs, targets, denom,
-                opts: ChunkedLossOptions):
+                kd_rows, kd_denom, opts: ChunkedLossOptions):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        use_kd = opts.alpha > 0.0 and (t_hidden is not None or topk_ids is not None)
-        use_ce = opts.alpha < 1.0
+        use_kd = opts.kd_weight > 0.0 and (t_hidden is not None or topk_ids is not None)
+        use_ce = opts.ce_weight > 0.0
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         ce_total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], opts.chunk_size):
@@ -271,9 +425,10 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
             if need_h or need_w or need_b:
                 logits.requires_grad_(True)
                 with torch.enable_grad():
-                    kd, ce = _chunk_objective(logits, teacher, targets[rows], opts)
-                    objective = (opts.alpha * kd if use_kd else 0.0) + ((1.0 - opts.alpha) * ce if use_ce else 0.0)
-                    (g,) = torch.autograd.grad(objective / denom, logits) if torch.is_tensor(objective) else (None,)
+                    kd, ce = _chunk_objective(logits, teacher, targets[rows], opts, _rows(kd_rows, rows))
+                    objective = ((opts.kd_weight * kd / kd_denom if use_kd else 0.0)
+                                 + (opts.ce_weight * ce / denom if use_ce else 0.0))
+                    (g,) = torch.autograd.grad(objective, logits) if torch.is_tensor(objective) else (None,)
                 if g is not None:
                     g = g.to(hidden.dtype if weight is None else weight.dtype)  # (c, Vs), as the plain backward casts
                     if weight is None:
@@ -286,20 +441,28 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
                         if need_b:
                             grad_b += g.float().sum(0)
             else:
-                kd, ce = _chunk_objective(logits, teacher, targets[rows], opts)
+                kd, ce = _chunk_objective(logits, teacher, targets[rows], opts, _rows(kd_rows, rows))
             kd_total += kd.detach()
             ce_total += ce.detach()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        kd_loss, ce_loss = kd_total / denom, ce_total / denom
-        loss = (opts.alpha * kd_loss if use_kd else 0.0) + (1.0 - opts.alpha) * ce_loss
+        kd_loss, ce_loss = kd_total / kd_denom, ce_total / denom
+        loss = (opts.kd_weight * kd_loss if use_kd else 0.0) + opts.ce_weight * ce_loss
         ctx.mark_non_differentiable(kd_loss, ce_loss)
         return loss, kd_loss, ce_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        # The usual call is loss.backward() (grad_loss == 1): hand the saved gradients over as they are instead of
+        # allocating a scaled copy - at V=152k, H=896 that copy of dW alone is 545 MB (Liger-kernel does the same).
+        scale = None if bool(grad_loss == 1) else grad_loss
+        grads = [None if g is None else (g if scale is None else g * scale).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[rows]
 
 
 def chunked_distillation_loss(
@@ -321,6 +484,9 @@ def chunked_distillation_loss(
     skew_lambda: float = 0.1,
     num_items_in_batch: int | torch.Tensor | None = None,
     shift_labels: bool = True,
+    weights: LossWeights | None = None,
+    kd_mask: torch.Tensor | None = None,
+    num_kd_items: int | torch.Tensor | None = None,
 ) -> DistillationLossOutput:
     """``distillation_loss``'s result, computed ``chunk_size`` valid tokens at a time (memory-lean path).
 
@@ -330,32 +496,43 @@ def chunked_distillation_loss(
     weights. Offline use: ``teacher_hidden=None`` and ``topk_ids`` / ``topk_logprobs`` ``(N, k)``: the stored
     teacher distribution of the ``N`` valid positions in row-major order (see ``topk_divergence``).
 
-    Only the ``N`` valid positions (``labels != -100`` after the causal shift) are projected and differentiated.
-    Normalisation, ``num_items_in_batch`` semantics, padded-vocabulary slicing and the returned terms are exactly
-    those of ``distillation_loss``; gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``.
+    Only the ``N`` valid positions (``labels != -100`` after the causal shift, plus the ``kd_mask`` positions) are
+    projected and differentiated. Normalisation, ``num_items_in_batch`` / ``num_kd_items`` semantics, ``weights``,
+    padded-vocabulary slicing and the returned terms are exactly those of ``distillation_loss``; gradients flow to
+    ``student_hidden``, ``student_weight`` and ``student_bias``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not supported; choose one of {LOSS_TYPES}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 (use distillation_loss for the unchunked path).")
+    if kd_mask is not None and topk_ids is not None:
+        raise ValueError("kd_mask needs a live teacher: stored top-k teacher logits cover the label positions only.")
+    weights = weights or LossWeights.from_alpha(alpha)
     if shift_labels:
         student_hidden, labels_s = student_hidden[:, :-1], labels[:, 1:]
         teacher_hidden = teacher_hidden[:, :-1] if teacher_hidden is not None else None
+        kd_mask = kd_mask[:, 1:] if kd_mask is not None else None
     else:
         labels_s = labels
     valid = labels_s != IGNORE_INDEX  # (B, S')
     num_tokens = valid.sum()
-    denom = num_items_in_batch if num_items_in_batch is not None else num_tokens
-    denom = torch.as_tensor(denom, device=student_hidden.device, dtype=torch.float32).clamp_min(1.0)
-    h = student_hidden[valid]  # (N, Hs)
-    th = teacher_hidden[valid] if teacher_hidden is not None and alpha > 0 else None  # (N, Ht)
+    denom = _denominator(num_items_in_batch, num_tokens)
+    rows, kd_rows, kd_denom = valid, None, denom
+    if kd_mask is not None:  # KD on its own positions: the chunks run over the union, CE ignores the KD-only rows
+        kd_mask = kd_mask.bool()
+        rows = valid | kd_mask
+        kd_rows, kd_denom = kd_mask[rows], _denominator(num_kd_items, kd_mask.sum())
+    use_teacher = teacher_hidden is not None and weights.kd > 0
+    h = student_hidden[rows]  # (N, Hs)
+    th = teacher_hidden[rows] if use_teacher else None  # (N, Ht)
     if topk_ids is not None and topk_ids.shape[0] != h.shape[0]:
         raise ValueError(f"Stored teacher logits cover {topk_ids.shape[0]} positions but the batch has {h.shape[0]} "
                          "valid ones: the stored dataset and the training rows are out of sync (re-run "
                          "scripts/store_teacher_logits.py with the same data settings).")
-    opts = ChunkedLossOptions(loss_type, temperature, alpha, jsd_beta, skew_lambda, chunk_size)
+    opts = ChunkedLossOptions(loss_type, temperature, weights.kd, weights.ce, jsd_beta, skew_lambda, chunk_size)
     loss, kd, ce = _ChunkedDistillationFunction.apply(
         h, student_weight, student_bias, th, teacher_weight if th is not None else None, teacher_bias,
-        topk_ids if th is None and alpha > 0 else None, topk_logprobs, labels_s[valid], denom, opts,
+        topk_ids if th is None and weights.kd > 0 else None, topk_logprobs, labels_s[rows], denom, kd_rows, kd_denom,
+        opts,
     )
     return DistillationLossOutput(loss=loss, kd_loss=kd, ce_loss=ce, num_tokens=num_tokens)

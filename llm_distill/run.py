@@ -2,10 +2,17 @@
 
 ``scripts/distill.py`` is a thin wrapper around :func:`run_distillation`; tests and benchmarks call it
 directly with an argv list, so the command users run is the code that is tested.
+
+Causal and masked LMs take the same path; a masked-LM teacher (BERT, DistilBERT ... - see
+``llm_distill.models.lm_kind``) switches three things: the models load with ``AutoModelForMaskedLM``, training
+batches are masked by ``DataCollatorForLanguageModeling`` (``mlm_probability``, seeded), and the held-out set is
+masked once, deterministically, so that teacher / student-before / student-after are scored on identical masks
+(masked-token perplexity and accuracy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,15 +25,25 @@ from transformers import set_seed
 from llm_distill import tiny
 from llm_distill.cli import parse_args_and_config
 from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
-from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
+from llm_distill.data import (
+    DistillationCollator,
+    Fields,
+    for_masked_lm,
+    load_rows,
+    mask_once,
+    masked_lm_collator,
+    prepare_dataset,
+)
 from llm_distill.distributed import gathered_for_forward, is_sharded
 from llm_distill.evaluation import evaluate_models
 from llm_distill.models import (
     apply_lora,
+    check_teacher_layers,
     check_tokenizers_compatible,
     check_vocab_compatible,
-    fresh_causal_lm,
-    load_causal_lm,
+    fresh_lm,
+    lm_kind,
+    load_lm,
     load_tokenizer,
     select_teacher_layers,
     student_from_teacher,
@@ -50,15 +67,18 @@ def parse(argv: list[str]):
 def build_student(model_args: ModelArguments, teacher, seed: int):
     if model_args.student_init == "teacher_layers":
         n_teacher = teacher.config.num_hidden_layers
-        n_student = model_args.student_num_layers or max(1, n_teacher // 2)
-        layers = select_teacher_layers(n_teacher, n_student, model_args.student_layer_strategy)
-        logger.info("Student: %d of the teacher's %d layers %s", n_student, n_teacher, layers)
+        if model_args.student_layers:
+            layers = check_teacher_layers(model_args.student_layers, n_teacher)
+        else:
+            n_student = model_args.student_num_layers or max(1, n_teacher // 2)
+            layers = select_teacher_layers(n_teacher, n_student, model_args.student_layer_strategy)
+        logger.info("Student: %d of the teacher's %d layers %s", len(layers), n_teacher, layers)
         student = student_from_teacher(teacher, layers).float()
     elif model_args.student_init == "fresh":
-        student = fresh_causal_lm(model_args.student_model, seed, model_args.student_dtype, model_args.trust_remote_code)
+        student = fresh_lm(model_args.student_model, seed, model_args.student_dtype, model_args.trust_remote_code)
     else:
-        student = load_causal_lm(model_args.student_model, model_args.student_dtype, model_args.attn_implementation,
-                                 model_args.trust_remote_code)
+        student = load_lm(model_args.student_model, model_args.student_dtype, model_args.attn_implementation,
+                          model_args.trust_remote_code)
     return student
 
 
@@ -72,8 +92,9 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
         model_args.student_model if model_args.student_init != "teacher_layers" else model_args.teacher_model
     )
     tokenizer = load_tokenizer(tokenizer_src, model_args.trust_remote_code)
-    if tokenizer_src != model_args.teacher_model and args.alpha > 0 and not args.teacher_logits:
+    if tokenizer_src != model_args.teacher_model and args.needs_teacher():
         check_tokenizers_compatible(load_tokenizer(model_args.teacher_model, model_args.trust_remote_code), tokenizer)
+    kind = "causal" if args.teacher_logits else lm_kind(model_args.teacher_model, model_args.trust_remote_code)
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights are loaded.
     fields = Fields.from_args(data_args)
@@ -84,19 +105,28 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
             train_rows, fmt = load_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config, fields)
             train_ds = prepare_dataset(train_rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed,
                                        "train")
+            if kind == "masked":
+                train_ds = for_masked_lm(train_ds, fmt, data_args.dataset)
         eval_ds = None
         if data_args.eval_dataset:
             eval_rows, eval_fmt = load_rows(data_args.eval_dataset, data_args.eval_split, data_args.dataset_config, fields)
             eval_ds = prepare_dataset(eval_rows, eval_fmt, tokenizer, data_args, data_args.max_eval_samples, args.seed, "eval")
+            if kind == "masked":  # fixed masks: every model and every run is scored on the same tokens
+                eval_ds = mask_once(for_masked_lm(eval_ds, eval_fmt, data_args.eval_dataset), tokenizer,
+                                    args.mlm_probability, args.seed)
 
     if args.teacher_logits:  # offline KD: no teacher in memory at all
         if model_args.student_init == "teacher_layers":
             raise ValueError("student_init=teacher_layers needs the teacher's weights, but teacher_logits is set "
                              "(offline KD loads no teacher): use student_init=pretrained or fresh.")
         return tokenizer, None, build_student(model_args, None, args.seed), train_ds, eval_ds
-    teacher = load_causal_lm(model_args.teacher_model, model_args.teacher_dtype, model_args.attn_implementation,
-                             model_args.trust_remote_code)
+    teacher = load_lm(model_args.teacher_model, model_args.teacher_dtype, model_args.attn_implementation,
+                      model_args.trust_remote_code)
     student = build_student(model_args, teacher, args.seed)
+    if lm_kind(student.config) != kind:
+        raise ValueError(f"The teacher is a {kind} LM but the student is a {lm_kind(student.config)} LM: distillation "
+                         "compares their predictions position by position, so both must be of the same kind (e.g. "
+                         "BERT -> a smaller BERT / DistilBERT, or use student_init: teacher_layers).")
     check_vocab_compatible(teacher, student, tokenizer)
     return tokenizer, teacher, student, train_ds, eval_ds
 
@@ -111,10 +141,12 @@ def run_distillation(argv: list[str]) -> dict | None:
     if model_args.use_peft:
         student = apply_lora(student, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                              model_args.lora_target_modules)
-    collator = DistillationCollator(tokenizer)
+    masked = teacher is not None and lm_kind(teacher.config) == "masked"
+    collator = DistillationCollator(tokenizer)  # held-out rows are already labelled (masked once for masked LMs)
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher if args.alpha > 0 or eval_ds is not None else None, args=args,
-        train_dataset=train_ds, data_collator=collator, processing_class=tokenizer,
+        model=student, teacher_model=teacher if args.needs_teacher() or eval_ds is not None else None, args=args,
+        train_dataset=train_ds, processing_class=tokenizer,
+        data_collator=masked_lm_collator(tokenizer, args.mlm_probability, args.seed) if masked else collator,
     )
     eval_bs = args.per_device_eval_batch_size
 
@@ -137,7 +169,9 @@ def run_distillation(argv: list[str]) -> dict | None:
     results = {
         "teacher": model_args.teacher_model,
         "student": model_args.student_model if model_args.student_init != "teacher_layers" else "teacher_layers",
+        "objective": "masked_lm" if masked else "causal_lm",
         "loss_type": args.loss_type, "alpha": args.alpha, "temperature": args.temperature,
+        "loss_weights": dataclasses.asdict(args.loss_weights()), "kd_positions": args.kd_positions,
         "steps": trainer.state.global_step,
         "train_loss": train_result.training_loss,
         "train_tokens": tokens_seen,
@@ -151,6 +185,9 @@ def run_distillation(argv: list[str]) -> dict | None:
             "teacher_perplexity": after.get("teacher", {}).get("perplexity"),
             "student_perplexity_before": before["student"]["perplexity"],
             "student_perplexity_after": after["student"]["perplexity"],
+            "teacher_accuracy": after.get("teacher", {}).get("accuracy"),
+            "student_accuracy_before": before["student"]["accuracy"],
+            "student_accuracy_after": after["student"]["accuracy"],
             "top1_agreement_before": before["student"].get("top1_agreement"),
             "top1_agreement_after": after["student"].get("top1_agreement"),
             "eval_tokens": after["student"]["tokens"],
@@ -166,11 +203,17 @@ def run_distillation(argv: list[str]) -> dict | None:
 def format_report(r: dict) -> str:
     lines = ["", "=== llm-distill: held-out results ==="]
     if "student_perplexity_after" in r:
+        if r.get("objective") == "masked_lm":
+            lines.append(f"(masked-LM: perplexity and accuracy on the {r['eval_tokens']} masked held-out tokens, same "
+                         "masks for every model)")
         lines += [
-            f"{'model':<18}{'perplexity':>12}{'top-1 agree':>14}",
-            f"{'teacher':<18}{r['teacher_perplexity']:>12.2f}{'1.000':>14}" if r["teacher_perplexity"] else "",
-            f"{'student (before)':<18}{r['student_perplexity_before']:>12.2f}{_fmt(r['top1_agreement_before']):>14}",
-            f"{'student (after)':<18}{r['student_perplexity_after']:>12.2f}{_fmt(r['top1_agreement_after']):>14}",
+            f"{'model':<18}{'perplexity':>12}{'accuracy':>10}{'top-1 agree':>14}",
+            f"{'teacher':<18}{r['teacher_perplexity']:>12.2f}{_fmt(r['teacher_accuracy']):>10}{'1.000':>14}"
+            if r["teacher_perplexity"] else "",
+            f"{'student (before)':<18}{r['student_perplexity_before']:>12.2f}{_fmt(r['student_accuracy_before']):>10}"
+            f"{_fmt(r['top1_agreement_before']):>14}",
+            f"{'student (after)':<18}{r['student_perplexity_after']:>12.2f}{_fmt(r['student_accuracy_after']):>10}"
+            f"{_fmt(r['top1_agreement_after']):>14}",
         ]
     tps = r["train_tokens_per_second"]
     lines.append(f"steps {r['steps']}, train tokens/s {tps:,.0f}" if tps else f"steps {r['steps']}")

@@ -3,19 +3,29 @@
 It overrides as little as possible: ``compute_loss`` (teacher forward under ``no_grad`` + the loss from
 ``llm_distill.losses``) and ``log`` (to add each loss term). Everything else - optimiser, schedules,
 mixed precision, gradient accumulation, checkpoints, Accelerate / DDP / FSDP / DeepSpeed - is Trainer's.
+
+DistilBERT's triple loss (``alpha_kd`` / ``alpha_mlm`` | ``alpha_clm`` / ``alpha_cos`` / ``alpha_mse``) adds one
+more thing to own when the student's hidden size differs from the teacher's: a learned projection of the student's
+last hidden states. It lives on the trainer, not in the student (whose ``save_pretrained`` stays a plain HF
+model): it is added to the optimiser (``create_optimizer``), clipped with the student (``_clip_grad_norm``),
+synchronised by its own DDP wrapper, and saved / restored with each checkpoint (``_save_checkpoint`` /
+``_load_from_checkpoint``, file ``hidden_projection.safetensors``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm_distill.config import DistillationConfig
 from llm_distill.lm_head import LMHeadPath
-from llm_distill.losses import chunked_distillation_loss, distillation_loss
-from llm_distill.models import check_vocab_compatible, load_causal_lm
+from llm_distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_loss, with_hidden_terms
+from llm_distill.models import check_vocab_compatible, load_lm
 from llm_distill.teacher_logits import (
     TOPK_COLUMNS,
     TopKCollator,
@@ -26,12 +36,15 @@ from llm_distill.teacher_logits import (
 
 logger = logging.getLogger(__name__)
 
+PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoint folders, next to the student's weights
+
 
 class DistillationTrainer(Trainer):
     """Distil ``teacher_model`` into ``model`` (the student).
 
     Args:
-        model: the student (any causal LM; a ``peft`` model trains only its adapter).
+        model: the student (a causal LM, or a masked LM such as BERT with a masked-LM teacher and
+            ``DataCollatorForLanguageModeling`` batches; a ``peft`` model trains only its adapter).
         teacher_model: a model or a hub id / path. It is frozen, put in eval mode and prepared by Accelerate
             for the student's device and backend (never wrapped for training).
         args: a ``DistillationConfig``.
@@ -50,11 +63,11 @@ class DistillationTrainer(Trainer):
                 raise ValueError("teacher_logits is set, so no teacher is needed: pass teacher_model=None (or unset "
                                  "teacher_logits to distil from a live teacher).")
             kwargs = _offline_kwargs(args, kwargs, model)
-        elif teacher_model is None and args.alpha > 0:
-            raise ValueError("teacher_model is required when alpha > 0 (set alpha=0 for plain fine-tuning, or "
-                             "teacher_logits to distil from stored teacher logits).")
+        elif teacher_model is None and args.needs_teacher():
+            raise ValueError("teacher_model is required when alpha > 0 (or alpha_kd / alpha_cos / alpha_mse > 0): set "
+                             "alpha=0 for plain fine-tuning, or teacher_logits to distil from stored teacher logits.")
         if isinstance(teacher_model, str):
-            teacher_model = load_causal_lm(teacher_model)
+            teacher_model = load_lm(teacher_model)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -68,6 +81,12 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         # Trainer already inspected the model's loss: causal LMs shift labels, masked LMs do not.
         self._shift_labels = bool(self._loss_shifts_labels)
+        self.loss_weights = args.loss_weights()
+        self._check_label_weight_name()
+        # Student hidden -> teacher hidden, learned, when the triple loss compares hidden states of different widths.
+        self.hidden_projection, self._projection = self._make_projection(model, teacher_model)
+        # Denominators of the terms not normalised by the label count, per optimiser step (get_batch_samples).
+        self._position_counts = None
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         # Fused lm_head path or logits fallback, decided per model on the first batch (llm_distill.lm_head).
         self._lm_head_paths = {"student": LMHeadPath("student"), "teacher": LMHeadPath("teacher")}
@@ -95,23 +114,28 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", *TOPK_COLUMNS)}
-        args = self.args
+        args, weights = self.args, self.loss_weights
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(labels)
+        # Global (accumulated, all-rank) counts for the KD-on-all-positions and hidden-state denominators, like
+        # num_items_in_batch for the label terms; None (e.g. in evaluation) = each batch's own counts.
+        counts = self._position_counts if self.model.training and num_items_in_batch is not None else None
+        kd_kwargs = dict(kd_mask=attention_mask if args.kd_positions == "all" else None,
+                         num_kd_items=counts[0] if counts is not None else None,
+                         num_items_in_batch=num_items_in_batch, shift_labels=self._shift_labels,
+                         loss_type=args.loss_type, temperature=args.temperature, jsd_beta=args.jsd_beta,
+                         skew_lambda=args.skew_lambda)
         # Memory-lean path (default): chunked fp32 loss from final hidden states + lm_head, never the B x S x V
         # logits; offline KD (stored top-k teacher logits) always takes it. return_outputs callers want logits.
         if (args.loss_chunk_size > 0 or TOPK_COLUMNS[0] in inputs) and not return_outputs:
-            out, outputs = self._memory_lean_loss(model, model_inputs, inputs, num_items_in_batch)
+            out, outputs, hidden = self._memory_lean_loss(model, model_inputs, inputs, kd_kwargs)
         else:
-            outputs = model(**model_inputs)
-            teacher_logits = None
-            if self.teacher_model is not None and args.alpha > 0:
-                with torch.no_grad():
-                    teacher_logits = self.teacher_model(**model_inputs).logits
-            out = distillation_loss(
-                outputs.logits, teacher_logits, labels,
-                loss_type=args.loss_type, temperature=args.temperature, alpha=args.alpha,
-                jsd_beta=args.jsd_beta, skew_lambda=args.skew_lambda,
-                num_items_in_batch=num_items_in_batch, shift_labels=self._shift_labels,
-            )
+            out, outputs, hidden = self._plain_loss(model, model_inputs, labels, kd_kwargs)
+        if weights.uses_hidden:  # the triple loss's cosine / MSE terms on the last hidden states
+            out = with_hidden_terms(out, hidden_state_loss(
+                *hidden, attention_mask, cos_weight=weights.cos, mse_weight=weights.mse, projection=self._projection,
+                num_items_in_batch=counts[1] if counts is not None else None), weights)
         loss = out.loss
         # Trainer's convention (see Trainer.compute_loss): with a global token count, DDP's gradient *mean*
         # must be undone by the world size so the result is the mean over all ranks' tokens.
@@ -120,38 +144,80 @@ class DistillationTrainer(Trainer):
         self._record_terms(out, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
-    def _memory_lean_loss(self, model, model_inputs, inputs, num_items_in_batch):
+    def _run_teacher(self) -> bool:
+        return self.teacher_model is not None and (self.loss_weights.kd > 0 or self.loss_weights.uses_hidden)
+
+    def _plain_loss(self, model, model_inputs, labels, kd_kwargs):
+        """The readable reference: full logits of both models (``loss_chunk_size: 0``)."""
+        hidden_kwargs = {"output_hidden_states": True} if self.loss_weights.uses_hidden else {}
+        outputs = model(**model_inputs, **hidden_kwargs)
+        teacher_outputs = None
+        if self._run_teacher():
+            with torch.no_grad():
+                teacher_outputs = self.teacher_model(**model_inputs, **hidden_kwargs)
+        teacher_logits = teacher_outputs.logits if teacher_outputs is not None and self.loss_weights.kd > 0 else None
+        out = distillation_loss(outputs.logits, teacher_logits, labels, weights=self.loss_weights, **kd_kwargs)
+        return out, outputs, (_last_hidden(outputs), _last_hidden(teacher_outputs))
+
+    def _memory_lean_loss(self, model, model_inputs, inputs, kd_kwargs):
         """``chunked_distillation_loss`` from the student's (and teacher's) final hidden states + lm_head weight,
         or from stored top-k teacher log-probabilities (offline KD); see ``llm_distill.lm_head`` for the fallback."""
-        args = self.args
-        student = self._lm_head_paths["student"](model, model_inputs)  # through the DDP wrapper
+        need_hidden = self.loss_weights.uses_hidden
+        student = self._lm_head_paths["student"](model, model_inputs, need_hidden)  # through the DDP wrapper
         teacher = None
-        if self.teacher_model is not None and args.alpha > 0 and TOPK_COLUMNS[0] not in inputs:
+        if self._run_teacher() and TOPK_COLUMNS[0] not in inputs:
             with torch.no_grad():
-                teacher = self._lm_head_paths["teacher"](self.teacher_model, model_inputs)
+                teacher = self._lm_head_paths["teacher"](self.teacher_model, model_inputs, need_hidden)
+        kd_teacher = teacher if teacher is not None and self.loss_weights.kd > 0 else None
         out = chunked_distillation_loss(
             student.features, student.weight,
-            teacher.features if teacher else None, teacher.weight if teacher else None, inputs["labels"],
-            student_bias=student.bias, teacher_bias=teacher.bias if teacher else None,
+            kd_teacher.features if kd_teacher else None, kd_teacher.weight if kd_teacher else None, inputs["labels"],
+            student_bias=student.bias, teacher_bias=kd_teacher.bias if kd_teacher else None,
             topk_ids=inputs.get(TOPK_COLUMNS[0]), topk_logprobs=inputs.get(TOPK_COLUMNS[1]),
-            chunk_size=args.loss_chunk_size or inputs["labels"].numel() or 1,
-            loss_type=args.loss_type, temperature=args.temperature, alpha=args.alpha,
-            jsd_beta=args.jsd_beta, skew_lambda=args.skew_lambda,
-            num_items_in_batch=num_items_in_batch, shift_labels=self._shift_labels,
+            chunk_size=self.args.loss_chunk_size or inputs["labels"].numel() or 1, weights=self.loss_weights,
+            **kd_kwargs,
         )
-        return out, student.outputs
+        return out, student.outputs, (student.hidden, teacher.hidden if teacher else None)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._position_counts = (self._count_positions(batch_samples, device)
+                                 if num_items_in_batch is not None else None)
+        return batch_samples, num_items_in_batch
+
+    def _count_positions(self, batch_samples: list, device) -> torch.Tensor | None:
+        """``(kd positions, hidden-state positions)`` of this optimiser step's micro-batches (all ranks when Trainer
+        counts ``num_items_in_batch`` over all ranks): the denominators of the KD term with ``kd_positions=all`` and
+        of the cosine / MSE terms, so that they too are exact token means under gradient accumulation and DDP."""
+        if self.args.kd_positions == "labels" and not self.loss_weights.uses_hidden:
+            return None
+        counts = torch.zeros(2, dtype=torch.long)
+        for batch in batch_samples:
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(batch["labels"]) if mask is None else mask
+            counts[0] += (mask[..., 1:] if self._shift_labels else mask).sum().item()  # labels' frame
+            counts[1] += mask.sum().item()
+        counts = counts.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)  # (world, 2) -> (2,)
+        return counts
 
     def _record_terms(self, out, num_items_in_batch) -> None:
         """Accumulate each term the way Trainer accumulates ``loss``, so that the logged values satisfy
-        ``loss == alpha * kd_loss + (1 - alpha) * ce_loss``: a micro-batch term is already divided by the
-        step's token count, so summing micro-batches gives the step's token mean; steps are then averaged."""
+        ``loss == alpha * kd_loss + (1 - alpha) * ce_loss`` (with the triple loss: ``alpha_kd * kd_loss +
+        alpha_mlm|clm * ce_loss + alpha_cos * cos_loss + alpha_mse * mse_loss``): a micro-batch term is already
+        divided by the step's token count, so summing micro-batches gives the step's token mean; steps are then
+        averaged."""
         mode = "train" if self.model.training else "eval"
         sums = self._term_sums[mode]
         # Eval batches are normalised by their own token count: weight them by it, so the logged eval terms are
         # the token mean over the whole eval set and all ranks (not a mean of batch or rank means).
         weight = out.num_tokens.float().detach() if mode == "eval" else 1.0
-        for name, value in (("kd_loss", out.kd_loss), ("ce_loss", out.ce_loss)):
-            if name == "kd_loss" and ((self.teacher_model is None and not self.args.teacher_logits) or self.args.alpha == 0):
+        terms = (("kd_loss", out.kd_loss), ("ce_loss", out.ce_loss), ("cos_loss", out.cos_loss),
+                 ("mse_loss", out.mse_loss))
+        for name, value in terms:
+            if value is None or (name == "kd_loss" and ((self.teacher_model is None and not self.args.teacher_logits)
+                                                        or self.loss_weights.kd == 0)):
                 continue
             sums[name] = sums.get(name, 0.0) + value.float().detach() * weight
         sums["_batches"] = sums.get("_batches", 0.0) + 1.0
@@ -182,6 +248,80 @@ class DistillationTrainer(Trainer):
                 logs[f"{prefix}{name}"] = round(total / divisor, 6)
             self._term_sums[mode] = {}
         super().log(logs, start_time)
+
+
+    # ------------------------------------------------------------------ triple loss: checks and the projection
+
+    def _check_label_weight_name(self) -> None:
+        """alpha_mlm weights a masked-LM loss and alpha_clm a causal one: refuse the name that does not fit."""
+        args = self.args
+        if args.alpha_mlm is not None and self._shift_labels:
+            raise ValueError(f"alpha_mlm={args.alpha_mlm} weights the masked-LM loss, but the student is a causal LM "
+                             "(its labels are shifted): set alpha_clm instead.")
+        if args.alpha_clm is not None and not self._shift_labels:
+            raise ValueError(f"alpha_clm={args.alpha_clm} weights the causal-LM loss, but the student is a masked LM: "
+                             "set alpha_mlm instead.")
+
+    def _make_projection(self, student, teacher) -> tuple[torch.nn.Linear | None, torch.nn.Module | None]:
+        """``(projection, the module to call)``: a ``Linear(Hs, Ht, bias=False)`` when the hidden-state terms are
+        on and the widths differ (the module to call is its DDP wrapper on several processes), else ``(None, None)``."""
+        if teacher is None or not self.loss_weights.uses_hidden:
+            return None, None
+        hs, ht = student.config.hidden_size, teacher.config.hidden_size
+        if hs == ht:
+            return None, None
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(f"Student hidden size {hs} != teacher hidden size {ht}: the learned projection that "
+                             "alpha_cos / alpha_mse then need is supported on one device and under DDP, not under "
+                             "FSDP / DeepSpeed. Use a student of the teacher's width (student_init: teacher_layers), "
+                             "or unset alpha_cos / alpha_mse.")
+        projection = torch.nn.Linear(hs, ht, bias=False).to(self.args.device)  # seeded: Trainer set the seed
+        logger.info("Triple loss: student hidden size %d != teacher's %d, training a linear projection (saved in "
+                    "checkpoints as %s, not in the student).", hs, ht, PROJECTION_FILE)
+        if self.accelerator.num_processes == 1:
+            return projection, projection
+        device = self.accelerator.device
+        ids = [device.index if device.index is not None else self.accelerator.local_process_index] \
+            if device.type == "cuda" else None
+        return projection, torch.nn.parallel.DistributedDataParallel(projection, device_ids=ids)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        proj = self.hidden_projection
+        if proj is not None and not any(p is proj.weight for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group({"params": list(proj.parameters()), "weight_decay": self.args.weight_decay})
+            # Trainer zeroes only the student's gradients after each step (model.zero_grad()): zero ours too.
+            optimizer.register_step_post_hook(lambda *_: proj.zero_grad(set_to_none=True))
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        if self.hidden_projection is None:
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *self.hidden_projection.parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.hidden_projection is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_file({k: v.contiguous() for k, v in self.hidden_projection.state_dict().items()},
+                      os.path.join(folder, PROJECTION_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.hidden_projection is None:
+            return
+        path = os.path.join(resume_from_checkpoint, PROJECTION_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: this run trains a hidden-state projection (alpha_cos / "
+                                    "alpha_mse with different hidden sizes) but the checkpoint was saved without one. "
+                                    "Resume with the settings that wrote it, or start a fresh run.")
+        self.hidden_projection.load_state_dict(load_file(path, device=str(self.args.device)))
+
+
+def _last_hidden(outputs) -> torch.Tensor | None:
+    hidden_states = getattr(outputs, "hidden_states", None) if outputs is not None else None
+    return hidden_states[-1] if hidden_states else None
 
 
 def _offline_kwargs(args: DistillationConfig, kwargs: dict, model) -> dict:
