@@ -21,7 +21,11 @@ def _script_of(path: Path) -> str:
     """The script a run config is for: the ``scripts/<name>.py`` of the header line that names this file
     (``--config configs/<file>``), else the first script the header names."""
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    for line in sorted(header, key=lambda line: path.name not in line):
+    for line in header:  # "scripts/<name>.py --config configs/<this file>": the script that reads this file
+        match = re.search(r"scripts/(\w+)\.py --config \S*" + re.escape(path.name), line)
+        if match:
+            return match.group(1)
+    for line in header:
         match = re.search(r"scripts/(\w+)\.py", line)
         if match:
             return match.group(1)
@@ -31,8 +35,9 @@ def _script_of(path: Path) -> str:
 def _dataclasses_for(script: str):
     """The dataclasses the named script parses its config into (a script without an entry fails the test)."""
     from llm_distill.generation import GenerateArguments
+    from llm_distill.prune_run import PruneArguments
 
-    parsers = {"distill": TYPES, "generate": (GenerateArguments,)}
+    parsers = {"distill": TYPES, "generate": (GenerateArguments,), "prune": (PruneArguments,)}
     assert script in parsers, f"no parser known for scripts/{script}.py: add it to _dataclasses_for"
     return parsers[script]
 

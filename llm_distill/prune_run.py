@@ -1,0 +1,201 @@
+"""The pruning job, callable in-process: config -> model -> calibration data -> scores -> plan -> prune -> save.
+
+``scripts/prune.py`` is a thin wrapper around :func:`run_pruning`; the pruned folder is then the student of
+``scripts/distill.py`` (``--student_model <output_dir> --student_init pretrained``) with the original model
+as the teacher, which recovers most of the quality pruning costs (Minitron's prune -> distil recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+from transformers import set_seed
+
+from llm_distill.cli import parse_args_and_config
+from llm_distill.config import DTYPES, DataArguments, _check
+from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
+from llm_distill.evaluation import evaluate_models
+from llm_distill.importance import (
+    activation_importance,
+    block_influence,
+    build_plan,
+    gradient_importance,
+    layer_removal_loss,
+)
+from llm_distill.models import load_causal_lm, load_tokenizer
+from llm_distill.pruning import GQA_MODES, PruningPlan, layer_shapes, prune, save_pruned
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "prune.yaml"
+IMPORTANCE = {"activation": activation_importance, "gradient": gradient_importance}
+LAYER_IMPORTANCE = {"block_influence": block_influence, "loss": layer_removal_loss}
+
+
+@dataclass
+class PruneArguments:
+    """What to prune, how to score it, and on which data."""
+
+    model: str = field(default="embedded:teacher", metadata={"help": "Model to prune: hub id, local path (a pruned "
+                                                                     "folder works too) or 'embedded:teacher'."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's); saved with the "
+                                                                  "pruned model."})
+    output_dir: str = field(default="outputs/pruned", metadata={"help": "Where the pruned model is written."})
+    dtype: str = field(default="float32", metadata={"help": f"dtype to load and save in, one of {', '.join(DTYPES)}."})
+    keep_heads: int | None = field(
+        default=None,
+        metadata={"help": "Query heads to keep per layer (e.g. 4 of 8). With GQA a multiple of the unit gqa removes: "
+                          "heads per KV group (groups) or KV heads (per_group). Empty = heads untouched."},
+    )
+    mlp_width: int | None = field(default=None, metadata={"help": "MLP neurons to keep per layer. Empty = untouched."})
+    drop_layers: int = field(default=0, metadata={"help": "How many whole layers to remove (least important)."})
+    gqa: str = field(
+        default="groups",
+        metadata={"help": f"GQA head removal, one of {', '.join(GQA_MODES)}: groups = remove whole KV groups (KV cache "
+                          "shrinks too); per_group = keep every KV head, remove query heads evenly from each group."},
+    )
+    uniform: bool = field(
+        default=True,
+        metadata={"help": "Keep the same number of heads / neurons in every layer (reloads with plain from_pretrained). "
+                          "false = rank all layers together (non-uniform; reload with llm_distill.pruning.load_pruned)."},
+    )
+    importance: str = field(
+        default="activation",
+        metadata={"help": f"Head / neuron scores, one of {', '.join(IMPORTANCE)}: activation = Minitron output norms "
+                          "(forward only); gradient = Michel et al. 2019 |dL/dmask|, per-layer normalised."},
+    )
+    layer_importance: str = field(
+        default="block_influence",
+        metadata={"help": f"Layer scores, one of {', '.join(LAYER_IMPORTANCE)}: block_influence = 1 - cos(input, "
+                          "output) (ShortGPT); loss = loss increase when the layer is skipped."},
+    )
+    plan: str | None = field(
+        default=None,
+        metadata={"help": "JSON file with an explicit plan ({'heads': {layer: [heads]}, 'neurons': {...}, 'layers': "
+                          "[...], 'gqa': ...}); replaces the importance-based choice."},
+    )
+    dataset: str = field(default="embedded:train", metadata={"help": "Calibration text (same formats as distill)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub / saved calibration dataset."})
+    calibration_samples: int = field(default=32, metadata={"help": "Calibration sequences used for the scores."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per calibration / evaluation sequence (packed)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass for scoring and evaluation."})
+    eval_dataset: str | None = field(default="embedded:heldout", metadata={"help": "Held-out text for the perplexity "
+                                                                                   "before / after; empty to skip."})
+    max_eval_samples: int = field(default=64, metadata={"help": "Held-out sequences to evaluate."})
+    seed: int = field(default=42, metadata={"help": "Seed for sub-sampling the calibration data."})
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        for name in ("keep_heads", "mlp_width"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "an integer >= 1 (or empty to leave untouched)")
+        _check(self.drop_layers >= 0, "drop_layers", self.drop_layers, "an integer >= 0")
+        _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
+        _check(self.importance in IMPORTANCE, "importance", self.importance, f"one of {', '.join(IMPORTANCE)}")
+        _check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
+               f"one of {', '.join(LAYER_IMPORTANCE)}")
+        for name in ("calibration_samples", "max_length", "batch_size", "max_eval_samples"):
+            _check(getattr(self, name) >= (2 if name == "max_length" else 1), name, getattr(self, name),
+                   "an integer >= 2" if name == "max_length" else "an integer >= 1")
+        if self.plan is None and self.keep_heads is None and self.mlp_width is None and not self.drop_layers:
+            raise ValueError("Nothing to prune: set keep_heads, mlp_width, drop_layers, or plan (a JSON plan file).")
+
+
+def parse(argv: list[str]) -> PruneArguments:
+    """Parse argv; with no ``--config`` the embedded recipe (configs/prune.yaml) is the base."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    (args,) = parse_args_and_config((PruneArguments,), argv)
+    return args
+
+
+def run_pruning(argv: list[str]) -> dict:
+    args = parse(argv)
+    set_seed(args.seed)
+    start = time.time()
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_causal_lm(args.model, args.dtype)
+    calibration, heldout = _data(args, tokenizer)
+    plan = (PruningPlan.from_dict(json.loads(Path(args.plan).read_text())) if args.plan
+            else choose_plan(model, calibration, args))
+    before = describe(model) | _perplexity(model, heldout, tokenizer, args)
+    prune(model, plan)
+    after = describe(model) | _perplexity(model, heldout, tokenizer, args)
+    save_pruned(model, args.output_dir, plan)
+    tokenizer.save_pretrained(args.output_dir)
+    results = {"model": args.model, "output_dir": args.output_dir, "before": before, "after": after,
+               "plan": plan.to_dict(), "importance": args.importance, "layer_importance": args.layer_importance,
+               "wall_time_s": time.time() - start}
+    Path(args.output_dir, "prune_results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def choose_plan(model, calibration: list[dict], args: PruneArguments) -> PruningPlan:
+    """Score what the arguments ask to prune on the calibration batches and keep the most important."""
+    scores = IMPORTANCE[args.importance](model, calibration) if args.keep_heads or args.mlp_width else None
+    layer_scores = LAYER_IMPORTANCE[args.layer_importance](model, calibration) if args.drop_layers else None
+    if layer_scores is not None:
+        logger.info("Layer importance (%s): %s", args.layer_importance, [round(float(s), 4) for s in layer_scores])
+    return build_plan(model, head_scores=scores and scores.heads, keep_heads=args.keep_heads,
+                      neuron_scores=scores and scores.neurons, mlp_width=args.mlp_width, layer_scores=layer_scores,
+                      drop=args.drop_layers, gqa=args.gqa, uniform=args.uniform)
+
+
+def describe(model) -> dict:
+    """Parameters, layers, heads and MLP widths as the weights say (lists where layers differ)."""
+    shapes = layer_shapes(model)
+
+    def per_layer(name):
+        values = [getattr(s, name) for s in shapes]
+        return values[0] if len(set(values)) == 1 else values
+
+    return {"parameters": sum(p.numel() for p in model.parameters()), "layers": len(shapes),
+            "heads": sum(s.num_attention_heads for s in shapes), "kv_heads": sum(s.num_key_value_heads for s in shapes),
+            "heads_per_layer": per_layer("num_attention_heads"), "kv_heads_per_layer": per_layer("num_key_value_heads"),
+            "mlp_width": per_layer("intermediate_size")}
+
+
+def _data(args: PruneArguments, tokenizer):
+    data_args = DataArguments(dataset=args.dataset, dataset_split=args.dataset_split, eval_dataset=args.eval_dataset,
+                              packing=True, max_length=args.max_length)
+    fields = Fields.from_args(data_args)
+    rows, fmt = load_rows(args.dataset, args.dataset_split, None, fields)
+    # Scores need a few thousand tokens, not the whole corpus: tokenise a seeded sample of rows (4x margin for
+    # short documents that pack into less than one block each).
+    rows = rows.shuffle(seed=args.seed).select(range(min(len(rows), 4 * args.calibration_samples)))
+    train = prepare_dataset(rows, fmt, tokenizer, data_args, args.calibration_samples, args.seed, "calibration")
+    collator = DistillationCollator(tokenizer)
+    calibration = list(DataLoader(train, batch_size=args.batch_size, collate_fn=collator))
+    heldout = None
+    if args.eval_dataset:
+        rows, fmt = load_rows(args.eval_dataset, "train", None, fields)
+        heldout = prepare_dataset(rows, fmt, tokenizer, data_args, args.max_eval_samples, args.seed, "eval")
+    return calibration, heldout
+
+
+def _perplexity(model, heldout, tokenizer, args) -> dict:
+    if heldout is None:
+        return {}
+    result = evaluate_models({"model": model}, heldout, DistillationCollator(tokenizer), args.batch_size, reference=None)
+    return {"perplexity": result["model"]["perplexity"]}
+
+
+def format_report(results: dict) -> str:
+    b, a = results["before"], results["after"]
+    rows = [("parameters", f"{b['parameters']:,}", f"{a['parameters']:,}"), ("layers", b["layers"], a["layers"]),
+            ("query heads / layer", b["heads_per_layer"], a["heads_per_layer"]),
+            ("KV heads / layer", b["kv_heads_per_layer"], a["kv_heads_per_layer"]),
+            ("MLP width", b["mlp_width"], a["mlp_width"])]
+    if "perplexity" in b:
+        rows.append(("held-out perplexity", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}"))
+    lines = ["", "=== llm-distill: pruning ===", f"{'':<22}{'before':>14}{'after':>14}"]
+    lines += [f"{name:<22}{str(x):>14}{str(y):>14}" for name, x, y in rows]
+    lines.append(f"saved to {results['output_dir']} (reload: llm_distill.pruning.load_pruned, or from_pretrained "
+                 "when uniform)")
+    return "\n".join(lines)

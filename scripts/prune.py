@@ -1,0 +1,31 @@
+"""Prune attention heads, MLP neurons and whole layers, then distil the pruned model back with scripts/distill.py.
+
+    python scripts/prune.py                                            # embedded teacher, configs/prune.yaml
+    python scripts/prune.py --keep_heads 4 --mlp_width 344 --drop_layers 1 --output_dir outputs/pruned-hml
+    python scripts/prune.py --model Qwen/Qwen2.5-0.5B --keep_heads 8 --drop_layers 6 --gqa per_group \
+        --eval_dataset "" --output_dir outputs/qwen-pruned
+    python scripts/distill.py --config configs/prune-distill.yaml      # recover: the original is the teacher
+
+Scores heads / neurons (``importance``) and layers (``layer_importance``) on calibration data, keeps the most
+important, prints parameters / heads / layers / held-out perplexity before and after, and writes
+``<output_dir>/`` (weights, config, tokenizer, ``pruning.json``, ``prune_results.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from llm_distill.prune_run import format_report, run_pruning  # noqa: E402
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    results = run_pruning(sys.argv[1:])
+    print(format_report(results))
+    if os.environ.get("LLM_DISTILL_PRINT_JSON"):
+        print(json.dumps(results))
