@@ -302,7 +302,7 @@ def load_prompts(args: GenerateArguments, max_errors: int = 10) -> list[Prompt]:
             continue
         prompts.append(Prompt(index, pid, prompt=text))
     if errors:
-        more = f"\n... and more; fix these first." if len(errors) > max_errors else ""
+        more = "\n... and more; fix these first." if len(errors) > max_errors else ""
         raise PromptValidationError(f"{len(errors)} bad prompt row(s) in {args.prompts}:\n  "
                                     + "\n  ".join(errors[:max_errors]) + more)
     if not prompts:

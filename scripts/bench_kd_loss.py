@@ -1,7 +1,7 @@
 """Time and peak memory of one KD loss forward+backward, from hidden states + lm_head to gradients.
 
-    python scripts/bench_kd_loss.py                                  # V=32k and 152k, B*S=2048 tokens, H=896
-    python scripts/bench_kd_loss.py --tokens 4096 --vocab 152064 --reps 3
+    python scripts/bench_kd_loss.py                                  # V=32k and 152k, B*S=4096 tokens, H=896
+    python scripts/bench_kd_loss.py --tokens 1024 --vocab 152064 --reps 3
 
 Variants: naive (the tutorial loss: full logits, log_softmax of both in fp32, F.kl_div), plain
 (``llm_distill.losses.distillation_loss``), chunked (``chunked_distillation_loss``, fused lm_head) and liger
@@ -9,6 +9,9 @@ Variants: naive (the tutorial loss: full logits, log_softmax of both in fp32, F.
 measurement runs in a fresh subprocess; on CPU peak memory = ru_maxrss high-water mark minus the RSS after the
 inputs are built (torch's allocations are invisible to tracemalloc); on GPU ``torch.cuda.max_memory_allocated``.
 Variants alternate, ``--reps`` rounds; medians are reported. Writes bench_results/kd_loss.json.
+
+Each child's address space is capped (``--mem-cap-gib``, default 80% of RAM): a variant that needs more fails
+with torch's allocation error and is reported as "over the cap" instead of waking the kernel's OOM killer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -79,19 +83,30 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, seed
     return {"seconds": seconds, "peak_mib": peak}
 
 
-def run_child(variant, args, vocab) -> dict | None:
+def total_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def run_child(variant, args, vocab) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--vocab", str(vocab),
            "--hidden", str(args.hidden), "--chunk", str(args.chunk), "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cap = int(args.mem_cap_gib * 2**30)
+
+    def limit_memory():  # runs in the child before exec
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit_memory)
     if proc.returncode != 0:
-        logger.warning("%s V=%d failed: %s", variant, vocab, proc.stderr.strip().splitlines()[-1:])
-        return None
+        err = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        over = "can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr
+        logger.warning("%s V=%d %s: %s", variant, vocab, "needs more than the memory cap" if over else "failed", err)
+        return {"error": f"over the {args.mem_cap_gib:g} GiB cap" if over else err[0]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=2048, help="B*S valid tokens")
+    p.add_argument("--tokens", type=int, default=4096, help="B*S valid tokens")
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 152064])
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--chunk", type=int, default=256, help="loss_chunk_size of the chunked path")
@@ -100,6 +115,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_results/kd_loss.json")
+    p.add_argument("--mem-cap-gib", type=float, default=round(0.8 * total_ram_gib(), 1),
+                   help="address-space cap of each measurement process (default: 80%% of RAM)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.vocab[0], args.hidden, args.chunk, args.seed)))
@@ -116,11 +133,18 @@ def main() -> None:
     rows = []
     for vocab in args.vocab:
         samples = {v: [] for v in variants}
+        failed = {}
         for _ in range(args.reps):  # alternate the variants, one fresh process each
             for v in variants:
+                if v in failed:  # out of memory once is out of memory every time
+                    continue
                 r = run_child(v, args, vocab)
-                if r:
+                if "error" in r:
+                    failed[v] = r["error"]
+                else:
                     samples[v].append(r)
+        for v, error in failed.items():
+            rows.append({"vocab": vocab, "tokens": args.tokens, "hidden": args.hidden, "variant": v, "error": error})
         for v in variants:
             if samples[v]:
                 rows.append({"vocab": vocab, "tokens": args.tokens, "hidden": args.hidden, "variant": v,
@@ -129,6 +153,9 @@ def main() -> None:
     naive = {r["vocab"]: r for r in rows if r["variant"] == "naive"}
     print(f"\n{'V':>7} {'variant':<8} {'fwd+bwd s':>10} {'peak MiB':>9} {'mem/naive':>10} {'time/naive':>11}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['vocab']:>7} {r['variant']:<8} {r['error']}")
+            continue
         n = naive.get(r["vocab"])
         r["mem_vs_naive"] = r["peak_mib"] / n["peak_mib"] if n else None
         r["time_vs_naive"] = r["seconds"] / n["seconds"] if n else None

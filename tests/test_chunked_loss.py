@@ -53,6 +53,20 @@ def test_fused_matches_plain_loss_and_grads(loss_type, chunk_size):
     assert_same(ref, out, ref_grads, torch.autograd.grad(out.loss, (hs, ws, bs)))
 
 
+def test_upstream_gradient_scale_is_applied():
+    """backward() of ``c * loss`` (DDP's loss x world_size, a user's weighting) scales every gradient by c; a
+    plain ``loss.backward()`` takes the unscaled fast path. Both must equal the plain path's gradients."""
+    hs, ws, bs, ht, wt, labels = batch(2)
+    kw = dict(KW, loss_type="jsd", alpha=0.6)
+    ref = plain(hs, ws, bs, ht, wt, labels, **kw)
+    out = chunked_distillation_loss(hs, ws, ht, wt, labels, student_bias=bs, chunk_size=5, **kw)
+    for c in (1.0, 2.5):
+        want = torch.autograd.grad(c * ref.loss, (hs, ws, bs), retain_graph=True)
+        got = torch.autograd.grad(c * out.loss if c != 1.0 else out.loss, (hs, ws, bs), retain_graph=True)
+        for g_want, g_got in zip(want, got):
+            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_chunked_logits_matches_plain_grads_wrt_logits(loss_type):
     hs, ws, bs, ht, wt, labels = batch(1)
