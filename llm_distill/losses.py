@@ -352,12 +352,17 @@ def topk_divergence(
     logp_k = topk_logprobs.float()
     if ids.shape[-1] < logq.shape[-1]:
         logq_other = logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1) exact, stable
-        p_other = (1.0 - logp_k.exp().sum(-1, keepdim=True)).clamp_min(0.0)  # fp16 rounding can overshoot 1
+        # The true tail mass is > 0 (a softmax is never exactly 0), but the fp16-stored top-k can sum to >= 1: floor
+        # it, or every loss that takes log p_other under q (reverse KL, jsd near beta=1, skew_reverse_kl) is infinite.
+        p_other = (1.0 - logp_k.exp().sum(-1, keepdim=True)).clamp_min(TAIL_MASS_FLOOR)
         logq_b, logp_b = torch.cat([logq_k, logq_other], -1), torch.cat([logp_k, p_other.log()], -1)
     else:
         logq_b, logp_b = logq_k, logp_k
     # The buckets are already log-probabilities: token_divergence's log_softmax at T=1 only removes rounding drift.
     return token_divergence(logq_b, logp_b, loss_type, 1.0, jsd_beta, skew_lambda) * temperature**2
+
+
+TAIL_MASS_FLOOR = 1e-6  # smallest teacher mass outside the stored top-k (see topk_divergence)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,19 @@ def test_jsd_endpoints_are_the_kl_directions():
     torch.testing.assert_close(token_divergence(s, t, "jsd", jsd_beta=1.0), token_divergence(s, t, "reverse_kl"))
 
 
+def test_jsd_endpoints_are_the_limits_of_the_general_formula():
+    """The endpoints are not arbitrary: the mixture formula, divided by its vanishing weight, tends to them
+    (beta -> 0: JSD / beta -> KL(p||q); beta -> 1: JSD / (1 - beta) -> KL(q||p)). Checked in float64 on the general
+    branch (0 < beta < 1), so this fails if either endpoint were mapped to the wrong direction."""
+    s, t = torch.randn(4, 20, dtype=torch.float64), torch.randn(4, 20, dtype=torch.float64)
+    eps = 1e-3
+    near_0 = token_divergence(s, t, "jsd", jsd_beta=eps) / eps
+    near_1 = token_divergence(s, t, "jsd", jsd_beta=1 - eps) / eps
+    torch.testing.assert_close(near_0, token_divergence(s, t, "forward_kl"), rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(near_1, token_divergence(s, t, "reverse_kl"), rtol=2e-2, atol=1e-5)
+    assert not torch.allclose(near_0, near_1, rtol=1e-2)  # the two directions really differ on this pair
+
+
 def test_skew_with_zero_lambda_is_plain_kl():
     s, t = torch.randn(4, 20), torch.randn(4, 20)
     torch.testing.assert_close(token_divergence(s, t, "skew_forward_kl", skew_lambda=0.0),
