@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-ACCELERATE_1PROC := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# Without a GPU and without --cpu, `accelerate launch` exports OMP_NUM_THREADS=1: give the one process every core.
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+ACCELERATE_1PROC := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	--num_cpu_threads_per_process $(NPROC)
 
 .PHONY: setup demo test bench-setup bench-quality clean
 

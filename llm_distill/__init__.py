@@ -9,10 +9,13 @@ from llm_distill.generation import GenerateArguments, run_generation
 from llm_distill.losses import (
     LOSS_TYPES,
     DistillationLossOutput,
+    LossWeights,
     chunked_distillation_loss,
     distillation_loss,
+    hidden_state_loss,
     token_divergence,
     topk_divergence,
+    triple_loss,
 )
 from llm_distill.models import (
     VocabularyMismatchError,
@@ -20,6 +23,18 @@ from llm_distill.models import (
     check_vocab_compatible,
     select_teacher_layers,
     student_from_teacher,
+)
+from llm_distill.importance import activation_importance, block_influence, build_plan, gradient_importance
+from llm_distill.pruning import (
+    PruningPlan,
+    PruningPlanError,
+    check_plan,
+    drop_layers,
+    load_pruned,
+    prune,
+    prune_heads,
+    prune_mlp,
+    save_pruned,
 )
 from llm_distill.speculative import (
     SpeculativeDecoder,
@@ -48,6 +63,9 @@ __all__ = [
     "distillation_loss",
     "token_divergence",
     "topk_divergence",
+    "LossWeights",
+    "hidden_state_loss",
+    "triple_loss",
     # data
     "DataValidationError",
     "DistillationCollator",
@@ -66,6 +84,20 @@ __all__ = [
     # response distillation
     "GenerateArguments",
     "run_generation",
+    # pruning
+    "PruningPlan",
+    "PruningPlanError",
+    "check_plan",
+    "prune",
+    "prune_heads",
+    "prune_mlp",
+    "drop_layers",
+    "save_pruned",
+    "load_pruned",
+    "gradient_importance",
+    "activation_importance",
+    "block_influence",
+    "build_plan",
     # speculative decoding
     "SpeculativeDecoder",
     "SpeculativeOutput",

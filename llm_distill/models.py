@@ -80,8 +80,13 @@ def load_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | N
 
 def fresh_lm(config_source: str, seed: int, dtype: str = "float32", trust_remote_code: bool = False):
     """A randomly initialised model with ``config_source``'s architecture, causal or masked (seeded: same seed,
-    same weights)."""
-    config = AutoConfig.from_pretrained(tiny.resolve(config_source), trust_remote_code=trust_remote_code)
+    same weights). A pruned folder gives its real per-layer shapes (the train-from-scratch baseline of pruning)."""
+    from llm_distill.pruning import fresh_pruned, is_pruned_dir
+
+    path = tiny.resolve(config_source)
+    if is_pruned_dir(path):  # config.json alone may describe the unpruned skeleton
+        return fresh_pruned(path, seed=seed, dtype=_DTYPES.get(dtype, torch.float32))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     auto = AutoModelForMaskedLM if lm_kind(config) == "masked" else AutoModelForCausalLM
     model = auto.from_config(config, trust_remote_code=trust_remote_code)

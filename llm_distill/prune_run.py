@@ -7,20 +7,23 @@ as the teacher, which recovers most of the quality pruning costs (Minitron's pru
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from llm_distill.cli import parse_args_and_config
 from llm_distill.config import DTYPES, DataArguments, _check
 from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
-from llm_distill.evaluation import evaluate_models
+from llm_distill.evaluation import evaluate_models, forward_latency
 from llm_distill.importance import (
+    Importance,
     activation_importance,
     block_influence,
     build_plan,
@@ -28,7 +31,7 @@ from llm_distill.importance import (
     layer_removal_loss,
 )
 from llm_distill.models import load_causal_lm, load_tokenizer
-from llm_distill.pruning import GQA_MODES, PruningPlan, layer_shapes, prune, save_pruned
+from llm_distill.pruning import GQA_MODES, PruningPlan, check_plan, layer_shapes, prune, save_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,13 @@ class PruneArguments:
         metadata={"help": "Keep the same number of heads / neurons in every layer (reloads with plain from_pretrained). "
                           "false = rank all layers together (non-uniform; reload with llm_distill.pruning.load_pruned)."},
     )
+    standard_config: bool = field(
+        default=True,
+        metadata={"help": "With uniform: refuse (before scoring) a plan whose result the model's config class cannot "
+                          "describe, naming the nearest sizes it accepts, so the output reloads with plain "
+                          "from_pretrained. false = allow it: saved with pruning.json, reloaded with "
+                          "llm_distill.load_pruned."},
+    )
     importance: str = field(
         default="activation",
         metadata={"help": f"Head / neuron scores, one of {', '.join(IMPORTANCE)}: activation = Minitron output norms "
@@ -88,6 +98,9 @@ class PruneArguments:
     eval_dataset: str | None = field(default="embedded:heldout", metadata={"help": "Held-out text for the perplexity "
                                                                                    "before / after; empty to skip."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out sequences to evaluate."})
+    latency_repeats: int = field(default=10, metadata={"help": "Timed forward passes (batch_size x max_length) of "
+                                                                  "the model before and after, alternating; median "
+                                                                  "reported. 0 = skip."})
     seed: int = field(default=42, metadata={"help": "Seed for sub-sampling the calibration data."})
 
     def __post_init__(self):
@@ -96,6 +109,7 @@ class PruneArguments:
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "an integer >= 1 (or empty to leave untouched)")
         _check(self.drop_layers >= 0, "drop_layers", self.drop_layers, "an integer >= 0")
+        _check(self.latency_repeats >= 0, "latency_repeats", self.latency_repeats, "an integer >= 0 (0 = skip)")
         _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
         _check(self.importance in IMPORTANCE, "importance", self.importance, f"one of {', '.join(IMPORTANCE)}")
         _check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
@@ -121,12 +135,27 @@ def run_pruning(argv: list[str]) -> dict:
     start = time.time()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_causal_lm(args.model, args.dtype)
+    standard = args.uniform and args.standard_config
+    if args.plan:
+        plan = PruningPlan.from_dict(json.loads(Path(args.plan).read_text()))
+        check_plan(model, plan, standard)
+    else:
+        # The sizes alone decide whether the config can describe the result: check them with a stand-in plan
+        # (uniform scores) before the calibration data is tokenised and scored.
+        check_plan(model, choose_plan(model, None, args, stand_in=True), standard)
     calibration, heldout = _data(args, tokenizer)
-    plan = (PruningPlan.from_dict(json.loads(Path(args.plan).read_text())) if args.plan
-            else choose_plan(model, calibration, args))
+    if not args.plan:
+        plan = choose_plan(model, calibration, args)
+    original = copy.deepcopy(model)  # for the latency comparison (a few MB at the embedded scale; skip with 0 repeats)
     before = describe(model) | _perplexity(model, heldout, tokenizer, args)
-    prune(model, plan)
+    prune(model, plan, standard)
     after = describe(model) | _perplexity(model, heldout, tokenizer, args)
+    if args.latency_repeats:
+        ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.max_length),
+                            generator=torch.Generator().manual_seed(args.seed))
+        latency = forward_latency({"before": original, "after": model}, ids, args.latency_repeats)
+        before["latency_ms"], after["latency_ms"] = latency["before"] * 1e3, latency["after"] * 1e3
+    del original
     save_pruned(model, args.output_dir, plan)
     tokenizer.save_pretrained(args.output_dir)
     results = {"model": args.model, "output_dir": args.output_dir, "before": before, "after": after,
@@ -136,8 +165,17 @@ def run_pruning(argv: list[str]) -> dict:
     return results
 
 
-def choose_plan(model, calibration: list[dict], args: PruneArguments) -> PruningPlan:
-    """Score what the arguments ask to prune on the calibration batches and keep the most important."""
+def choose_plan(model, calibration: list[dict] | None, args: PruneArguments, stand_in: bool = False) -> PruningPlan:
+    """Score what the arguments ask to prune on the calibration batches and keep the most important.
+    ``stand_in=True``: the same sizes from uniform scores, no data (to check the sizes before scoring)."""
+    if stand_in:
+        shapes = layer_shapes(model)
+        scores = Importance(heads=[torch.zeros(s.num_attention_heads) for s in shapes],
+                            neurons=[torch.zeros(s.intermediate_size) for s in shapes])
+        layer_scores = torch.zeros(len(shapes))
+        return build_plan(model, head_scores=scores.heads, keep_heads=args.keep_heads, neuron_scores=scores.neurons,
+                          mlp_width=args.mlp_width, layer_scores=layer_scores, drop=args.drop_layers, gqa=args.gqa,
+                          uniform=args.uniform)
     scores = IMPORTANCE[args.importance](model, calibration) if args.keep_heads or args.mlp_width else None
     layer_scores = LAYER_IMPORTANCE[args.layer_importance](model, calibration) if args.drop_layers else None
     if layer_scores is not None:
@@ -194,6 +232,8 @@ def format_report(results: dict) -> str:
             ("MLP width", b["mlp_width"], a["mlp_width"])]
     if "perplexity" in b:
         rows.append(("held-out perplexity", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}"))
+    if "latency_ms" in b:
+        rows.append(("forward latency (ms)", f"{b['latency_ms']:.1f}", f"{a['latency_ms']:.1f}"))
     lines = ["", "=== llm-distill: pruning ===", f"{'':<22}{'before':>14}{'after':>14}"]
     lines += [f"{name:<22}{str(x):>14}{str(y):>14}" for name, x, y in rows]
     lines.append(f"saved to {results['output_dir']} (reload: llm_distill.pruning.load_pruned, or from_pretrained "

@@ -16,6 +16,12 @@ config keeps the pre-pruning sizes as a skeleton plus the per-layer shapes (``ll
 so a later ``save_pretrained``, e.g. by ``Trainer``, keeps them), plain ``from_pretrained`` fails on the
 shape mismatch, and :func:`load_pruned` builds the skeleton, shrinks each layer and loads the weights strictly.
 
+Indices: a :class:`PruningPlan` speaks the indices of the model it is applied to. :func:`prune_heads` keeps the
+v4 ``PreTrainedModel.prune_heads`` semantics instead: heads are numbered as in the *original* model, repeated calls
+accumulate, and heads already removed are ignored. Every head removal (either way) is recorded in
+``config.pruned_heads`` (``{layer: [original head indices]}``, v4's name and meaning, renumbered when layers are
+dropped), so the record survives ``save_pretrained`` / reload and later calls still speak original indices.
+
 GQA: query head ``h`` reads KV head ``h // (H / KV)``. Removing query heads must leave every kept KV head
 with the same number of query heads, so ``gqa`` says how: ``"groups"`` removes whole KV groups (a KV head
 with all its query heads; the KV cache shrinks too), ``"per_group"`` keeps every KV head and removes the
@@ -173,8 +179,14 @@ class PruningPlan:
                    layers=[int(i) for i in data.get("layers", [])], gqa=data.get("gqa", "groups"))
 
 
-def check_plan(model, plan: PruningPlan) -> None:
-    """Raise :class:`PruningPlanError` listing every problem of ``plan`` for ``model``; modify nothing."""
+def check_plan(model, plan: PruningPlan, standard_config: bool = False) -> None:
+    """Raise :class:`PruningPlanError` listing every problem of ``plan`` for ``model``; modify nothing.
+
+    ``standard_config=True`` also requires that the pruned model be describable by its own config class (every
+    layer the same shape, and sizes the class accepts), i.e. that it save as a standard folder plain
+    ``from_pretrained`` reloads; the error then names the nearest sizes that would be. Without it such plans are
+    valid too: :func:`save_pruned` writes the per-layer shapes for :func:`load_pruned`.
+    """
     shapes = layer_shapes(model)  # also refuses unsupported architectures
     n_layers = len(shapes)
     problems = []
@@ -202,9 +214,87 @@ def check_plan(model, plan: PruningPlan) -> None:
                 _kept_heads(shapes[layer], heads, plan.gqa)
             except PruningPlanError as err:
                 problems.append(f"heads[{layer}]: {err}")
+    if not problems and standard_config:
+        problems += _standard_config_problems(model, plan, shapes)
     if problems:
         raise PruningPlanError(f"Invalid pruning plan for {type(model).__name__} (nothing was modified):\n  - "
                                + "\n  - ".join(problems))
+
+
+def planned_shapes(model, plan: PruningPlan) -> list[LayerShape]:
+    """The shape of every layer ``plan`` keeps, computed without touching the model (the plan must be valid)."""
+    shapes, dropped, result = layer_shapes(model), set(plan.layers), []
+    for i, shape in enumerate(shapes):
+        if i in dropped:
+            continue
+        heads, kv = shape.num_attention_heads, shape.num_key_value_heads
+        if plan.heads.get(i):
+            keep_q, keep_kv = _kept_heads(shape, plan.heads[i], plan.gqa)
+            heads, kv = len(keep_q), len(keep_kv)
+        width = shape.intermediate_size - len(set(plan.neurons.get(i, [])))
+        result.append(LayerShape(heads, kv, shape.head_dim, width))
+    return result
+
+
+def _standard_config_problems(model, plan: PruningPlan, shapes: list[LayerShape]) -> list[str]:
+    """Why the pruned model would need ``pruning.json`` + :func:`load_pruned` (empty: a standard config works)."""
+    after = planned_shapes(model, plan)
+    if len(set(after)) > 1:
+        return [f"the plan gives layers different shapes ({sorted(set(after), key=str)}), which no standard config "
+                "describes; prune every layer alike (uniform), or allow a non-standard result (standard_config=False "
+                "/ --standard_config false: saved with pruning.json, reloaded with llm_distill.load_pruned)"]
+    target = after[0]
+    cls = type(model.config).__name__
+    problems = []
+    if target.intermediate_size != shapes[0].intermediate_size and not _config_expresses(model, LayerShape(
+            shapes[0].num_attention_heads, shapes[0].num_key_value_heads, shapes[0].head_dim, target.intermediate_size)):
+        problems.append(f"{cls} cannot express an MLP width of {target.intermediate_size}")
+    heads_changed = (target.num_attention_heads, target.num_key_value_heads) != (
+        shapes[0].num_attention_heads, shapes[0].num_key_value_heads)
+    if heads_changed and not _config_expresses(model, target):
+        valid = _valid_head_counts(model, shapes[0], plan.gqa, target.intermediate_size)
+        below = [n for n in valid if n < target.num_attention_heads][-1:]
+        above = [n for n in valid if n > target.num_attention_heads][:1]
+        hint = (f"nearest head counts it accepts: {' or '.join(map(str, below + above))}" if below + above else
+                f"{cls} derives the head size from the hidden size, so it cannot describe fewer heads at all")
+        problems.append(f"{cls} rejects {target.num_attention_heads} query heads / {target.num_key_value_heads} KV "
+                        f"heads per layer of size {target.head_dim} ({hint}); pick one of those, or allow a "
+                        "non-standard result (standard_config=False / --standard_config false: saved with "
+                        "pruning.json, reloaded with llm_distill.load_pruned)")
+    return problems
+
+
+def _valid_head_counts(model, shape: LayerShape, gqa: str, width: int) -> list[int]:
+    """Query-head counts reachable by whole removal units (see ``gqa``) that the config class accepts."""
+    groups, kv = shape.kv_groups, shape.num_key_value_heads
+    counts = []
+    for n in range(1, shape.num_attention_heads):  # fewer heads than now: the unchanged count is no suggestion
+        if kv == shape.num_attention_heads:
+            n_kv = n
+        elif gqa == "groups":
+            if n % groups:
+                continue
+            n_kv = n // groups
+        else:
+            if n % kv:
+                continue
+            n_kv = kv
+        if _config_expresses(model, LayerShape(n, n_kv, shape.head_dim, width)):
+            counts.append(n)
+    return counts
+
+
+def _config_expresses(model, target: LayerShape) -> bool:
+    """Whether the model's config class, given ``target``'s sizes, builds layers of exactly that shape (after the
+    validation a reload runs)."""
+    family = family_of(model)
+    fields = {"num_attention_heads": target.num_attention_heads, family.intermediate: target.intermediate_size}
+    if family.kv_config:
+        fields[family.kv_config] = target.num_key_value_heads
+    if family.head_dim_config:
+        fields["head_dim"] = target.head_dim
+    keys = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    return _expresses(model, fields, [target] * model.config.num_hidden_layers, keys)
 
 
 def _index_problems(name: str, indices, size: int, what: str) -> list[str]:
@@ -247,17 +337,24 @@ def _kept_heads(shape: LayerShape, removed: list[int], gqa: str) -> tuple[torch.
 # ------------------------------------------------------------------------------------------ surgery
 
 
-def prune(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
-    """Apply ``plan`` to ``model`` in place (checked first: an invalid plan changes nothing); return the model."""
-    check_plan(model, plan)
+def prune(model: PreTrainedModel, plan: PruningPlan, standard_config: bool = False) -> PreTrainedModel:
+    """Apply ``plan`` (current indices) to ``model`` in place and return it. The plan is checked first (see
+    :func:`check_plan`, also for ``standard_config``): an invalid plan changes nothing."""
+    check_plan(model, plan, standard_config)
     family = family_of(model)
     shapes = layer_shapes(model)
     layer_list = blocks(model)
     dropped = set(plan.layers)
+    record = pruned_heads_of(model)
     for layer, heads in plan.heads.items():
         if heads and layer not in dropped:
             keep_q, keep_kv = _kept_heads(shapes[layer], heads, plan.gqa)
             _select_heads(family, layer_list[layer], keep_q, keep_kv)
+            remaining = _remaining_original_heads(record.get(layer, []), shapes[layer].num_attention_heads)
+            removed_now = sorted(set(range(shapes[layer].num_attention_heads)) - set(keep_q.tolist()))
+            record[layer] = sorted({*record.get(layer, []), *(remaining[h] for h in removed_now)})
+    if record:
+        _set_pruned_heads(model, record)
     for layer, neurons in plan.neurons.items():
         if neurons and layer not in dropped:
             removed = set(neurons)
@@ -270,8 +367,48 @@ def prune(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
 
 
 def prune_heads(model, heads: dict[int, list[int]], gqa: str = "groups"):
-    """Remove attention heads: ``{layer: [query heads]}`` (see the module docstring for ``gqa``)."""
-    return prune(model, PruningPlan(heads=heads, gqa=gqa))
+    """Remove attention heads, v4 ``PreTrainedModel.prune_heads`` style: ``{layer: [query heads]}`` numbered as in
+    the original (unpruned) model; heads already removed by an earlier call are ignored, so repeated calls
+    accumulate. Layer indices are the current ones. See the module docstring for ``gqa``."""
+    shapes, record = layer_shapes(model), pruned_heads_of(model)
+    current: dict[int, list[int]] = {}
+    problems = []
+    for layer, wanted in heads.items():
+        if not 0 <= layer < len(shapes):
+            problems.append(f"heads: layer {layer} does not exist (the model has layers 0..{len(shapes) - 1})")
+            continue
+        already = record.get(layer, [])
+        remaining = _remaining_original_heads(already, shapes[layer].num_attention_heads)
+        original_count = len(remaining) + len(already)
+        bad = sorted({h for h in wanted if not 0 <= h < original_count})
+        if bad:
+            problems.append(f"heads[{layer}]: head {bad} out of range 0..{original_count - 1} (original numbering)")
+        index = {h: i for i, h in enumerate(remaining)}
+        current[layer] = sorted({index[h] for h in wanted if h in index})
+    if problems:
+        raise PruningPlanError(f"Invalid pruning plan for {type(model).__name__} (nothing was modified):\n  - "
+                               + "\n  - ".join(problems))
+    return prune(model, PruningPlan(heads={k: v for k, v in current.items() if v}, gqa=gqa))
+
+
+def pruned_heads_of(model) -> dict[int, list[int]]:
+    """``{layer: [original head indices removed]}`` recorded in ``config.pruned_heads`` (JSON turns keys into str)."""
+    record = getattr(model.config, "pruned_heads", None) or {}
+    return {int(k): sorted(int(h) for h in v) for k, v in record.items()}
+
+
+def _set_pruned_heads(model, record: dict[int, list[int]]) -> None:
+    model.config.pruned_heads = {str(k): sorted(v) for k, v in sorted(record.items()) if v}
+
+
+def _remaining_original_heads(removed: list[int], current_count: int) -> list[int]:
+    """Original indices of the heads a layer still has, in order (current head i is original head result[i])."""
+    removed, result, h = set(removed), [], 0
+    while len(result) < current_count:
+        if h not in removed:
+            result.append(h)
+        h += 1
+    return result
 
 
 def prune_mlp(model, neurons: dict[int, list[int]]):
@@ -361,6 +498,9 @@ def _drop_layers(model, family: Family, keep: list[int]) -> None:
         if "layer" in key and isinstance(value, (list, tuple)) and len(value) == n_old:
             setattr(config, key, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
+    record = pruned_heads_of(model)
+    if record:
+        _set_pruned_heads(model, {new: record[old] for new, old in enumerate(keep) if old in record})
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -38,10 +38,13 @@ from llm_distill.importance import (
     gradient_importance,
     layer_removal_loss,
 )
+from conftest import _corpus_texts as corpus
+from conftest import write_jsonl
 from llm_distill.models import load_causal_lm
 from llm_distill.pruning import (
     PruningPlan,
     PruningPlanError,
+    check_plan,
     drop_layers,
     fresh_pruned,
     layer_shapes,
@@ -378,6 +381,69 @@ def test_load_pruned_is_strict(tmp_path):
         load_pruned(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "distilbert"])
+def test_prune_heads_speaks_original_indices_and_accumulates(name):
+    """v4 ``prune_heads`` semantics: the second call names heads as in the original model, repeats an already-removed
+    one (ignored) and adds new ones; the result equals the original with all of them masked."""
+    model = tiny_model(name)
+    # Llama here has GQA (2 KV groups of 2): whole groups go; the others lose heads one at a time.
+    first, second = ({0: [0, 1]}, {0: [0, 1], 1: [2, 3]}) if name == "llama" else ({0: [1]}, {0: [1, 2, 0], 1: [3]})
+    union = {layer: sorted(set(first.get(layer, [])) | set(second.get(layer, []))) for layer in (0, 1)}
+    reference = masked_reference(model, heads=union)
+    prune_heads(model, first)
+    prune_heads(model, second)
+    assert model.config.pruned_heads == {str(k): v for k, v in union.items()}
+    assert [s.num_attention_heads for s in layer_shapes(model)] == [4 - len(union[0]), 4 - len(union[1]), 4]
+    assert_equivalent(model, reference)
+
+
+def test_prune_heads_original_index_out_of_range_changes_nothing():
+    model = tiny_model("gpt2")
+    prune_heads(model, {0: [0]})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningPlanError, match=r"heads\[0\]: head \[4\] out of range 0\.\.3 \(original numbering\)"):
+        prune_heads(model, {0: [4]})  # the layer has 3 heads left, but original indices go up to 3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_pruned_heads_record_survives_reload_and_follows_dropped_layers(tmp_path):
+    model = tiny_model("llama", layers=3)
+    prune_heads(model, {2: [2, 3]})  # KV group 1 of layer 2
+    drop_layers(model, [0])  # layer 2 becomes layer 1
+    assert model.config.pruned_heads == {"1": [2, 3]}
+    save_pruned(model, tmp_path)  # layers now differ (4 and 2 heads): pruning.json + load_pruned
+    reloaded = load_pruned(tmp_path).eval()
+    assert reloaded.config.pruned_heads == {"1": [2, 3]}
+    shapes = layer_shapes(reloaded)
+    prune_heads(reloaded, {1: [2, 3]})  # already removed: ignored, nothing changes
+    assert layer_shapes(reloaded) == shapes
+    with pytest.raises(PruningPlanError, match=r"removing all 2 leaves the layer empty"):
+        prune_heads(reloaded, {1: [0, 1, 3]})  # original numbering: 0 and 1 are the layer's last two heads
+    reference = masked_reference(reloaded, heads={0: [0, 1]})
+    prune_heads(reloaded, {0: [1, 0]})
+    assert reloaded.config.pruned_heads == {"0": [0, 1], "1": [2, 3]}
+    assert_equivalent(reloaded, reference)
+
+
+def test_standard_config_plans_are_checked_against_the_config_class_first():
+    """A uniform 3-of-4-heads Llama plan: LlamaConfig refuses hidden 32 % 3 heads, so with standard_config the plan
+    fails before any weight changes and names the counts it would accept; GPT-2 cannot describe fewer heads at all."""
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB)).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningPlanError, match=r"LlamaConfig rejects 3 query heads .*nearest head counts it accepts: 2"):
+        prune(model, PruningPlan(heads={0: [1], 1: [2]}), standard_config=True)
+    with pytest.raises(PruningPlanError, match="layers different shapes"):
+        prune(model, PruningPlan(heads={0: [1, 2]}), standard_config=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.config.num_attention_heads == 4 and getattr(model.config, "pruned_heads", None) is None
+    prune(model, PruningPlan(heads={0: [1, 2], 1: [0, 3]}), standard_config=True)  # 2 heads: expressible
+    assert model.config.num_attention_heads == 2 and model.config.head_dim == 8
+    with pytest.raises(PruningPlanError, match="derives the head size from the hidden size"):
+        check_plan(tiny_model("gpt2"), PruningPlan(heads={i: [0] for i in range(3)}), standard_config=True)
+    check_plan(tiny_model("gpt2"), PruningPlan(neurons={i: [0] for i in range(3)}), standard_config=True)
+
+
 def test_pruning_a_loaded_pruned_model_again(tmp_path):
     model = tiny_model("qwen2", layers=4)
     prune(model, PruningPlan(heads={0: [0, 1]}, layers=[3]))
@@ -397,6 +463,10 @@ def test_fresh_pruned_has_the_pruned_architecture(tmp_path):
     assert layer_shapes(fresh) == layer_shapes(model)
     assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
     assert torch.equal(fresh_pruned(tmp_path, seed=3).lm_head.weight, fresh.lm_head.weight)
+    # student_init: fresh on a pruned folder (the from-scratch baseline) gets the pruned shapes, not the skeleton's
+    from llm_distill.models import fresh_lm
+
+    assert layer_shapes(fresh_lm(str(tmp_path), seed=3)) == layer_shapes(model)
 
 
 # ------------------------------------------------------------------------------------------ importance
@@ -552,6 +622,30 @@ def test_prune_script_then_distil_the_pruned_student(saved_pair, tmp_path):
     # Trainer.save_model wrote no pruning.json, but the config carries the per-layer shapes: still loadable
     assert not (tmp_path / "distilled" / "pruning.json").exists()
     assert layer_shapes(load_causal_lm(str(tmp_path / "distilled"))) == layer_shapes(load_pruned(out))
+
+
+def test_prune_script_refuses_a_head_count_the_config_rejects_before_scoring(tmp_path, monkeypatch, tiny_tokenizer):
+    """keep_heads 3 of 4 on a hidden-32 Llama: LlamaConfig would reject it, so the job stops before any data is
+    read or scored, naming the counts that work; --standard_config false accepts it (pruning.json sidecar)."""
+    from llm_distill import prune_run
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tiny_tokenizer)))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    args = ["--model", str(tmp_path / "m"), "--output_dir", str(tmp_path / "out"), "--keep_heads", "3"]
+    real_data = prune_run._data
+    monkeypatch.setattr(prune_run, "_data", lambda *a: pytest.fail("the data was read before the plan was checked"))
+    with pytest.raises(PruningPlanError, match="nearest head counts it accepts: 2"):
+        prune_run.run_pruning(args)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(prune_run, "_data", real_data)
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": t[:800]} for t in corpus()[:3]])
+    results = prune_run.run_pruning([*args, "--standard_config", "false", "--dataset", str(texts), "--eval_dataset",
+                                     str(texts), "--max_length", "32", "--calibration_samples", "2",
+                                     "--max_eval_samples", "2", "--batch_size", "2", "--latency_repeats", "2"])
+    assert results["after"]["heads_per_layer"] == 3 and results["after"]["latency_ms"] > 0
+    assert layer_shapes(load_pruned(tmp_path / "out"))[0].num_attention_heads == 3
 
 
 @pytest.mark.parametrize("flag, value, message", [

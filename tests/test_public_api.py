@@ -11,5 +11,6 @@ def test_every_exported_name_resolves():
 
 def test_main_entry_points_are_at_the_top_level():
     for name in ("DistillationTrainer", "DistillationConfig", "SpeculativeDecoder", "run_generation",
-                 "chunked_distillation_loss", "store_teacher_logits"):
+                 "chunked_distillation_loss", "store_teacher_logits",
+                 "triple_loss", "student_from_teacher", "prune_heads", "drop_layers", "load_pruned"):
         assert name in llm_distill.__all__
