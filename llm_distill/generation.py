@@ -520,12 +520,16 @@ def repair_jsonl(path: Path) -> int:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
             return 0
-        # Scan back to the last complete line; lines are short compared to the 1 MiB window.
-        start = max(0, size - (1 << 20))
-        f.seek(start)
-        tail = f.read()
-        cut = tail.rfind(b"\n")
-        new_size = start + cut + 1 if cut >= 0 else 0
+        # Scan back, 1 MiB at a time, to the end of the last complete line (a row with many logprobs can be long).
+        new_size, end = 0, size
+        while end > 0:
+            start = max(0, end - (1 << 20))
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                new_size = start + cut + 1
+                break
+            end = start
         f.truncate(new_size)
     logger.warning("%s: removed a truncated last line (%d bytes) left by an interrupted run.", path, size - new_size)
     return size - new_size

@@ -31,7 +31,6 @@ autoregressive baseline with a KV cache that the benchmark compares against.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -516,11 +515,3 @@ class SpeculativeDecoder:
                 return source.pad_token_id
         return min(eos) if eos else 0
 
-
-def leviathan_report(stats: SpeculativeStats, baseline_tokens_per_second: float) -> dict:
-    """Measured vs predicted speedup for one run: alpha and c measured, the formula evaluated at them."""
-    predicted = expected_speedup(stats.alpha, stats.gamma, stats.cost_ratio) if stats.gamma else float("nan")
-    measured = stats.tokens_per_second / baseline_tokens_per_second if baseline_tokens_per_second else float("nan")
-    return {"gamma": stats.gamma, "alpha": stats.alpha, "cost_ratio": stats.cost_ratio, "predicted_speedup": predicted,
-            "measured_speedup": measured,
-            "measured_over_predicted": measured / predicted if predicted and not math.isnan(predicted) else float("nan")}

@@ -396,3 +396,19 @@ def test_two_processes_match_one_process(teacher_dir, tmp_path):
     assert summary["world_size"] == 2 and [r["rank"] for r in summary["per_rank"]] == [0, 1]
     assert all(r["rows"] > 0 for r in summary["per_rank"])           # both ranks really generated
     assert read(two.output) == read(one.output)
+
+
+def test_repair_jsonl_keeps_every_complete_row_before_a_long_truncated_one(tmp_path):
+    """A truncated last row longer than the 1 MiB scan window (many logprobs): only that row is cut."""
+    from llm_distill.generation import repair_jsonl
+
+    path = tmp_path / "shard.jsonl"
+    complete = json.dumps({"id": "a", "response": "x" * 1000}) + "\n" + json.dumps({"id": "b", "response": "y"}) + "\n"
+    truncated = b'{"id": "c", "response": "' + b"z" * (3 << 20)  # killed mid-write
+    path.write_bytes(complete.encode() + truncated)
+    removed = repair_jsonl(path)
+    assert path.read_bytes() == complete.encode() and removed == len(truncated)
+    assert repair_jsonl(path) == 0  # a clean file is left alone
+    path.write_bytes(b'{"id": "only", "resp')
+    repair_jsonl(path)
+    assert path.read_bytes() == b""
