@@ -728,11 +728,9 @@ def run_generation(args: GenerateArguments) -> dict:
 
     # 5. Resume: main repairs / checks the output, then every rank reads what is already done.
     store = ShardStore(args.output)
-    status = store.prepare(fingerprint, args.overwrite) if state.is_main_process else None
-    state.wait_for_everyone()
+    status = _on_main_then_share(state, lambda: store.prepare(fingerprint, args.overwrite))
     done = store.done_keys() & expected
     state.wait_for_everyone()  # nobody appends before every rank has read the shards
-    status = gather_object([status])[0] if state.num_processes > 1 else status
     if status == "complete":  # same config, already merged: nothing to generate
         summary = {**store.read_meta()["summary"], "status_at_start": status, "rows_generated_this_run": 0,
                    "generated_tokens_this_run": 0, "tokens_per_second": None, "world_size": state.num_processes,
@@ -780,8 +778,8 @@ def run_generation(args: GenerateArguments) -> dict:
     per_rank = gather_object([{"rank": state.process_index, "rows": generated_rows, "tokens": generated_tokens,
                                "generate_s": gen_time}])
     state.wait_for_everyone()
-    summary = None
-    if state.is_main_process:
+
+    def merge_and_summarise() -> dict:
         merged = store.merge({p.id: p.index for p in prompts}, expected, args.drop_empty)
         total_tokens = sum(r["tokens"] for r in per_rank)
         slowest = max(r["generate_s"] for r in per_rank)
@@ -795,9 +793,31 @@ def run_generation(args: GenerateArguments) -> dict:
             "num_batches": len(plan), "wall_time_s": round(time.time() - start, 2), "per_rank": per_rank, **merged,
         }
         store.write_meta({"fingerprint": fingerprint, "complete": True, "config": asdict(args), "summary": summary})
-    summary = gather_object([summary])[0] if state.num_processes > 1 else summary
+        return summary
+
+    summary = _on_main_then_share(state, merge_and_summarise)
     state.wait_for_everyone()
     return summary
+
+
+def _on_main_then_share(state, work):
+    """Run ``work()`` on the main process and hand its result to every rank. If it raises (a refused config, a
+    corrupt output, rows missing at the merge), every rank raises instead of waiting at the next barrier forever."""
+    from accelerate.utils import gather_object
+
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    if state.num_processes > 1:
+        result, message = gather_object([(result, None if error is None else f"{type(error).__name__}: {error}")])[0]
+        if message is not None and error is None:
+            raise RuntimeError(f"The main process stopped: {message}")
+    if error is not None:
+        raise error
+    return result
 
 
 def _use_cpu() -> bool:

@@ -5,7 +5,9 @@
 Shards a tiny Llama teacher with FSDP2 (``prepare_fsdp2_teacher``) and checks, on each rank, what must hold:
 parameters really sharded, frozen, eval mode, logits equal to the unsharded model's, the student's mixed
 precision applied, and ``evaluate_models`` finishing (no hang) on uneven shards with exact single-process sums.
-Writes ``OUT_DIR/rank{r}.json``.
+Then trains: a student sharded with ``fully_shard`` takes 2 KD steps (the library's loss, global token count, loss x
+world size as DistillationTrainer does) from the sharded teacher, 2 rows per rank; the gathered weights must equal a
+single-process student trained on the same 4-row batches. Writes ``OUT_DIR/rank{r}.json``.
 """
 
 import copy
@@ -23,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_distill.distributed import is_sharded, prepare_fsdp2_teacher, prepare_teacher
 from llm_distill.evaluation import evaluate_models
+from llm_distill.losses import distillation_loss
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
@@ -84,8 +87,10 @@ def main(out: Path) -> None:
                       for r in rows)
         local_eval = {"nll": nll / (3 * 9), "tokens": 27}
 
+    train = fsdp2_kd_steps(sharded, reference, rank, world)
+
     result = {
-        "rank": rank, "world_size": world, "full_params": full, "local_params": local,
+        "rank": rank, "world_size": world, **train, "full_params": full, "local_params": local,
         "all_dtensor": all(isinstance(p, DTensor) for p in sharded.parameters()),
         "requires_grad": any(p.requires_grad for p in sharded.parameters()), "training": sharded.training,
         "is_sharded": is_sharded(sharded), "max_abs_diff": (logits - expected).abs().max().item(),
@@ -98,6 +103,42 @@ def main(out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def fsdp2_kd_steps(teacher, reference_teacher, rank: int, world: int, steps: int = 2) -> dict:
+    """KD training with an FSDP2 student on gloo vs the same steps in one process (the global batch at once)."""
+    from torch.distributed.fsdp import fully_shard
+
+    student = tiny_llama(seed=1).train()
+    single = copy.deepcopy(student)
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (student, single)]
+    losses, single_losses = [], []
+    for step in range(steps):
+        ids = torch.randint(1, 64, (2 * world, 12), generator=torch.Generator().manual_seed(100 + step))  # (4, 12)
+        mine = ids[2 * rank:2 * rank + 2]
+        n_items = ids[:, 1:].numel()  # the global count of valid (shifted) labels, as Trainer passes it
+        with torch.no_grad():
+            t_mine, t_all = teacher(input_ids=mine).logits, reference_teacher(input_ids=ids).logits
+        out = distillation_loss(student(input_ids=mine).logits, t_mine, mine, alpha=0.5, temperature=2.0,
+                                num_items_in_batch=n_items)
+        (out.loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
+        ref = distillation_loss(single(input_ids=ids).logits, t_all, ids, alpha=0.5, temperature=2.0)
+        ref.loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+        summed = out.loss.detach().clone()
+        torch.distributed.all_reduce(summed)
+        losses.append(summed.item())
+        single_losses.append(ref.loss.item())
+    diffs = [(p.full_tensor() - q).abs().max().item() for p, q in zip(student.parameters(), single.parameters())]
+    moved = max((q - p0).abs().max().item() for q, p0 in zip(single.parameters(), tiny_llama(seed=1).parameters()))
+    return {"fsdp2_losses": losses, "single_losses": single_losses, "fsdp2_max_weight_diff": max(diffs),
+            "fsdp2_student_sharded": all(isinstance(p, DTensor) for p in student.parameters()),
+            "single_weights_moved": moved}
 
 
 if __name__ == "__main__":

@@ -223,7 +223,8 @@ def test_two_gloo_ranks_match_one_process_checkpoint_and_resume(saved_pair, tmp_
 def test_fsdp2_teacher_on_two_gloo_ranks(tmp_path):
     """FSDP2 ``fully_shard`` on CPU/gloo (torch supports it; accelerate's FSDP mode does not, so the
     preparation is exercised directly and through ``prepare_teacher`` with accelerate's FSDP2 plugin):
-    sharded, frozen, exact logits, bf16 policy, unsafe loading refused, evaluation without a hang."""
+    sharded, frozen, exact logits, bf16 policy, unsafe loading refused, evaluation without a hang; and KD training
+    steps of a sharded student that match one process."""
     launch_two_ranks(REPO / "tests" / "distributed_worker.py", [str(tmp_path / "fsdp2")], tmp_path)
     ranks = [json.loads((tmp_path / "fsdp2" / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
@@ -237,6 +238,10 @@ def test_fsdp2_teacher_on_two_gloo_ranks(tmp_path):
         # 3 rows on 2 ranks (2 + 1 batches): finished, and token-weighted sums equal the 1-process reference.
         assert r["eval"]["tokens"] == 27
         assert r["eval"]["nll"] == pytest.approx(ranks[0]["reference_eval"]["nll"], rel=1e-5)
+        # FSDP2 training: a fully_shard student's 2 KD steps == one process on the same global batches.
+        assert r["fsdp2_student_sharded"] and r["single_weights_moved"] > 1e-3
+        assert r["fsdp2_losses"] == pytest.approx(r["single_losses"], rel=1e-5)
+        assert r["fsdp2_max_weight_diff"] < 1e-5
     assert {r["rank"] for r in ranks} == {0, 1}
 
 

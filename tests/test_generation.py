@@ -386,16 +386,25 @@ def test_two_processes_match_one_process(teacher_dir, tmp_path):
     assert run_generation(one)["world_size"] == 1
 
     two = gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=8, drop_empty=False)
-    launch = [str(REPO_ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(REPO_ROOT / "scripts" / "generate.py")]
-    out = subprocess.run(launch + cli(two), env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    def launch(args):
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(REPO_ROOT / "scripts" / "generate.py")]
+        return subprocess.run(cmd + cli(args), env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                              text=True, timeout=300)
+
+    out = launch(two)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = summary_of(out.stdout)
     assert summary["world_size"] == 2 and [r["rank"] for r in summary["per_rank"]] == [0, 1]
     assert all(r["rows"] > 0 for r in summary["per_rank"])           # both ranks really generated
     assert read(two.output) == read(one.output)
+    # A refusal on the main process (another config on the same output) stops both ranks, none hangs at a barrier.
+    start = time.time()
+    refused = launch(gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=9,
+                              drop_empty=False))
+    assert refused.returncode != 0 and "max_new_tokens" in refused.stderr and time.time() - start < 120
+    assert "The main process stopped" in refused.stderr  # the other rank's own error names the cause too
 
 
 def test_repair_jsonl_keeps_every_complete_row_before_a_long_truncated_one(tmp_path):
