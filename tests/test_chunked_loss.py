@@ -43,11 +43,12 @@ def assert_same(a, b, grads_a, grads_b):
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("chunk_size", [4, 5, 1000])  # divides N=28 / does not / one chunk
+@pytest.mark.parametrize("chunk_size", [1, 23, 4, 5, 1000])  # divide N=23 (23 chunks, 1 chunk) / do not / > N
 def test_fused_matches_plain_loss_and_grads(loss_type, chunk_size):
     hs, ws, bs, ht, wt, labels = batch()
     kw = dict(KW, loss_type=loss_type, alpha=0.7)
     ref = plain(hs, ws, bs, ht, wt, labels, **kw)
+    assert ref.num_tokens == 23  # the valid (shifted, unmasked) positions the chunk sizes above are chosen for
     ref_grads = torch.autograd.grad(ref.loss, (hs, ws, bs))
     out = chunked_distillation_loss(hs, ws, ht, wt, labels, student_bias=bs, chunk_size=chunk_size, **kw)
     assert_same(ref, out, ref_grads, torch.autograd.grad(out.loss, (hs, ws, bs)))
@@ -79,7 +80,7 @@ def test_chunked_logits_matches_plain_grads_wrt_logits(loss_type):
 
 
 @pytest.mark.parametrize("vs,vt", [(V, V + 31), (V + 7, V)])  # teacher / student embedding padded
-@pytest.mark.parametrize("loss_type", ["forward_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_padded_vocab_is_sliced_like_the_plain_path(vs, vt, loss_type):
     hs, ws, bs, ht, wt, labels = batch(2, vs=vs, vt=vt)
     kw = dict(KW, loss_type=loss_type, alpha=0.5)
