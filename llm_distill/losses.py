@@ -403,6 +403,47 @@ def _chunk_objective(logits, teacher, targets, opts: ChunkedLossOptions, kd_rows
     return kd, ce
 
 
+def _forward_kl_chunk(logits, teacher, targets, temperature: float, kd_scale: float, ce_scale: float,
+                      need_grad: bool):
+    """The default objective (forward KL + CE) of one chunk, with its gradient w.r.t. the logits in closed form.
+
+    Same numbers as ``_chunk_objective`` + autograd for ``forward_kl`` (the parity tests compare them), in about
+    half the V-wide passes, which is most of a KD step's cost beyond the two models' forwards:
+    ``d/ds [T^2 KL(p_T || q_T)] = T (q_T - p_T)`` and ``d/ds CE = q - onehot(target)``; with T = 1 and no padded
+    vocabulary the student's log-softmax is shared by both terms. ``logits`` ``(c, Vs)`` and ``teacher`` ``(c, Vt)``
+    (or ``None``) are fp32; returns ``(kd_sum, ce_sum, grad (c, Vs) or None)``, the gradient already weighted
+    (``kd_scale`` = weight / KD denominator, ``ce_scale`` likewise)."""
+    logq = F.log_softmax(logits, dim=-1)  # (c, Vs)
+    label_rows = targets != IGNORE_INDEX  # (c,)
+    picked = logq.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)  # (c,)
+    ce = -(picked * label_rows).sum()
+    q = logq.exp() if need_grad else None
+    kd, q_t, p_t, vocab = logits.new_zeros(()), None, None, logits.shape[-1]
+    if teacher is not None:
+        vocab = min(logits.shape[-1], teacher.shape[-1])  # padded embedding matrices: the shared ids only
+        if temperature == 1.0 and vocab == logits.shape[-1]:
+            logq_t, q_t = logq, q
+        else:
+            logq_t = F.log_softmax(logits[:, :vocab] / temperature, dim=-1)
+            q_t = logq_t.exp() if need_grad else None
+        t = teacher[:, :vocab]
+        logp_t = F.log_softmax(t if temperature == 1.0 else t / temperature, dim=-1)
+        p_t = logp_t.exp()
+        kd = (p_t * (logp_t - logq_t)).sum() * temperature**2
+    if not need_grad:
+        return kd, ce, None
+    kd_t = kd_scale * temperature if teacher is not None else 0.0
+    if q_t is q:  # shared: grad = q * (kd_t + ce_scale [label row]) - kd_t * p - ce_scale * onehot, two passes
+        grad = q.mul_((kd_t + ce_scale * label_rows).unsqueeze(1)).sub_(p_t, alpha=kd_t)
+    else:
+        grad = q.mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs), in place: q is not needed any more
+        if teacher is not None:
+            grad[:, :vocab].add_(q_t.sub_(p_t), alpha=kd_t)
+    rows = label_rows.nonzero().squeeze(1)
+    grad.index_put_((rows, targets[rows]), torch.full_like(rows, -ce_scale, dtype=grad.dtype), accumulate=True)
+    return kd, ce, grad
+
+
 class _ChunkedDistillationFunction(torch.autograd.Function):
     """Loss and its gradients, ``chunk_size`` rows at a time; gradients are computed in ``forward`` and only
     scaled by the incoming scalar in ``backward`` (the objective is linear in that scalar)."""
@@ -418,6 +459,11 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         use_ce = opts.ce_weight > 0.0
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         ce_total = hidden.new_zeros((), dtype=torch.float32)
+        # forward KL (the default) with a live teacher or none: closed-form gradient; the rest: autograd per chunk
+        closed_form = opts.loss_type == "forward_kl" and topk_ids is None and kd_rows is None
+        if closed_form:  # the weights over the denominators, read once (not a device sync per chunk)
+            kd_scale = float(opts.kd_weight / kd_denom) if use_kd else 0.0
+            ce_scale = float(opts.ce_weight / denom) if use_ce else 0.0
         for start in range(0, hidden.shape[0], opts.chunk_size):
             rows = slice(start, start + opts.chunk_size)
             logits = _project(hidden[rows], weight, bias)  # (c, Vs) fp32: the only V-wide tensors live per chunk
@@ -427,14 +473,21 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
                 teacher = (topk_ids[rows], topk_logprobs[rows])  # (c, k) x2
             else:
                 teacher = None
-            if need_h or need_w or need_b:
+            need_grad = need_h or need_w or need_b
+            if closed_form:
+                kd, ce, g = _forward_kl_chunk(logits, teacher if use_kd else None, targets[rows], opts.temperature,
+                                              kd_scale, ce_scale, need_grad and (use_kd or use_ce))
+            elif need_grad:
                 logits.requires_grad_(True)
                 with torch.enable_grad():
                     kd, ce = _chunk_objective(logits, teacher, targets[rows], opts, _rows(kd_rows, rows))
                     objective = ((opts.kd_weight * kd / kd_denom if use_kd else 0.0)
                                  + (opts.ce_weight * ce / denom if use_ce else 0.0))
                     (g,) = torch.autograd.grad(objective, logits) if torch.is_tensor(objective) else (None,)
-                if g is not None:
+            else:
+                kd, ce = _chunk_objective(logits, teacher, targets[rows], opts, _rows(kd_rows, rows))
+                g = None
+            if need_grad and g is not None:
                     g = g.to(hidden.dtype if weight is None else weight.dtype)  # (c, Vs), as the plain backward casts
                     if weight is None:
                         grad_h[rows] = g
@@ -445,8 +498,6 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
                             grad_w += (g.t() @ hidden[rows]).float()  # (Vs, H), accumulated in fp32
                         if need_b:
                             grad_b += g.float().sum(0)
-            else:
-                kd, ce = _chunk_objective(logits, teacher, targets[rows], opts, _rows(kd_rows, rows))
             kd_total += kd.detach()
             ce_total += ce.detach()
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -54,6 +54,18 @@ def test_fused_matches_plain_loss_and_grads(loss_type, chunk_size):
     assert_same(ref, out, ref_grads, torch.autograd.grad(out.loss, (hs, ws, bs)))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # T = 1 shares the student's softmax between KD and CE
+@pytest.mark.parametrize("vs,vt", [(V, V), (V, V + 31), (V + 7, V)])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_closed_form_forward_kl_gradient_equals_autograd(temperature, vs, vt, alpha):
+    """forward_kl takes a closed-form gradient (q - p, q - onehot); every branch of it against the plain path."""
+    hs, ws, bs, ht, wt, labels = batch(3, vs=vs, vt=vt)
+    kw = dict(KW, loss_type="forward_kl", alpha=alpha, temperature=temperature)
+    ref = plain(hs, ws, bs, ht, wt, labels, **kw)
+    out = chunked_distillation_loss(hs, ws, ht, wt, labels, student_bias=bs, chunk_size=6, **kw)
+    assert_same(ref, out, torch.autograd.grad(ref.loss, (hs, ws, bs)), torch.autograd.grad(out.loss, (hs, ws, bs)))
+
+
 def test_upstream_gradient_scale_is_applied():
     """backward() of ``c * loss`` (DDP's loss x world_size, a user's weighting) scales every gradient by c; a
     plain ``loss.backward()`` takes the unscaled fast path. Both must equal the plain path's gradients."""
