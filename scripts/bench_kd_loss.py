@@ -150,7 +150,10 @@ def main() -> None:
                 rows.append({"vocab": vocab, "tokens": args.tokens, "hidden": args.hidden, "variant": v,
                              "seconds": statistics.median(s["seconds"] for s in samples[v]),
                              "peak_mib": statistics.median(s["peak_mib"] for s in samples[v]), "reps": len(samples[v])})
-    naive = {r["vocab"]: r for r in rows if r["variant"] == "naive"}
+    # Ratios against the naive loss where it ran; where it did not fit, against the cap (an upper bound: "< x").
+    naive = {r["vocab"]: r for r in rows if r["variant"] == "naive" and "error" not in r}
+    naive_failed = {r["vocab"] for r in rows if r["variant"] == "naive" and "error" in r}
+    cap_mib = args.mem_cap_gib * 1024
     print(f"\n{'V':>7} {'variant':<8} {'fwd+bwd s':>10} {'peak MiB':>9} {'mem/naive':>10} {'time/naive':>11}")
     for r in rows:
         if "error" in r:
@@ -159,10 +162,15 @@ def main() -> None:
         n = naive.get(r["vocab"])
         r["mem_vs_naive"] = r["peak_mib"] / n["peak_mib"] if n else None
         r["time_vs_naive"] = r["seconds"] / n["seconds"] if n else None
-        print(f"{r['vocab']:>7} {r['variant']:<8} {r['seconds']:>10.3f} {r['peak_mib']:>9.0f} "
-              f"{r['mem_vs_naive'] or float('nan'):>10.2f} {r['time_vs_naive'] or float('nan'):>11.2f}")
+        if n is None and r["vocab"] in naive_failed:
+            r["mem_vs_naive_upper_bound"] = r["peak_mib"] / cap_mib  # naive needed more than the cap
+        mem = (f"{r['mem_vs_naive']:.2f}" if r["mem_vs_naive"] is not None else
+               f"<{r['mem_vs_naive_upper_bound']:.2f}" if "mem_vs_naive_upper_bound" in r else "nan")
+        time_ratio = f"{r['time_vs_naive']:.2f}" if r["time_vs_naive"] is not None else "nan"
+        print(f"{r['vocab']:>7} {r['variant']:<8} {r['seconds']:>10.3f} {r['peak_mib']:>9.0f} {mem:>10} {time_ratio:>11}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "mem_cap_gib": args.mem_cap_gib,
+                                          "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
