@@ -439,8 +439,8 @@ def _forward_kl_chunk(logits, teacher, targets, temperature: float, kd_scale: fl
         grad = q.mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs), in place: q is not needed any more
         if teacher is not None:
             grad[:, :vocab].add_(q_t.sub_(p_t), alpha=kd_t)
-    rows = label_rows.nonzero().squeeze(1)
-    grad.index_put_((rows, targets[rows]), torch.full_like(rows, -ce_scale, dtype=grad.dtype), accumulate=True)
+    # - ce_scale at each label row's target (0 on KD-only rows): no nonzero(), so no host sync per chunk on a GPU
+    grad.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), (label_rows * -ce_scale).to(grad.dtype).unsqueeze(1))
     return kd, ce, grad
 
 

@@ -32,11 +32,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedModel:
+def _load_kwargs(dtype: str, attn_implementation: str | None, trust_remote_code: bool) -> dict:
     kwargs = {"dtype": to_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    kwargs = _load_kwargs(dtype, attn_implementation, trust_remote_code)
     from llm_distill.pruning import is_pruned_dir, load_pruned
 
     path = tiny.resolve(name_or_path)
@@ -64,9 +69,7 @@ def lm_kind(config, trust_remote_code: bool = False) -> str:
 
 def load_masked_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
                    trust_remote_code: bool = False) -> PreTrainedModel:
-    kwargs = {"dtype": to_dtype(dtype), "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = _load_kwargs(dtype, attn_implementation, trust_remote_code)
     return AutoModelForMaskedLM.from_pretrained(tiny.resolve(name_or_path), **kwargs)
 
 
@@ -218,24 +221,37 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int], verify: bo
     n_teacher = teacher.config.num_hidden_layers
     layers = check_teacher_layers(layers, n_teacher)
     config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    for name, value in vars(config).items():  # per-layer lists: layer_types, no_rope_layers ...
-        if isinstance(value, list) and len(value) == n_teacher and name != "architectures":
-            setattr(config, name, [value[i] for i in layers])
+    keep_layers_in_config(config, layers)
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         logger.warning("scale_attn_by_inverse_layer_idx=True: a copied GPT-2 block scales its attention by its new "
                        "position, so the student's blocks do not compute exactly what the teacher's did.")
     student = type(teacher)(config).to(teacher.dtype)
     student.load_state_dict(_mapped_state_dict(teacher.state_dict(), student.state_dict(), f"{stack}.", layers),
                             strict=True)
-    for new_idx, block in enumerate(student.get_submodule(stack)):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx  # the KV cache is indexed by it
+    renumber_layer_idx(student.get_submodule(stack))
     student.eval()
     if verify:
         _check_reloads(student)
     return student
+
+
+def keep_layers_in_config(config, keep: list[int]) -> None:
+    """Make ``config`` describe only the layers ``keep`` (old indices, in order): ``num_hidden_layers`` and every
+    per-layer list (``layer_types``, ``mlp_layer_types``, ``no_rope_layers`` ...). A stale count or list would reload
+    "successfully" with random extra layers or the wrong attention types."""
+    n = config.num_hidden_layers
+    for name, value in list(vars(config).items()):
+        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == n:
+            setattr(config, name, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+
+
+def renumber_layer_idx(blocks: torch.nn.ModuleList) -> None:
+    """Give every module of block ``i`` that has an integer ``layer_idx`` the index ``i`` (the KV cache's slot)."""
+    for new_idx, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
 
 
 def _mapped_state_dict(teacher_sd: dict, student_sd: dict, prefix: str, layers: list[int]) -> dict:

@@ -7,7 +7,6 @@ as the teacher, which recovers most of the quality pruning costs (Minitron's pru
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -99,7 +98,7 @@ class PruneArguments:
                                                                                    "before / after; empty to skip."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out sequences to evaluate."})
     latency_repeats: int = field(default=10, metadata={"help": "Timed forward passes (batch_size x max_length) of "
-                                                                  "the model before and after, alternating; median "
+                                                                  "the model before and after pruning; median "
                                                                   "reported. 0 = skip."})
     seed: int = field(default=42, metadata={"help": "Seed for sub-sampling the calibration data."})
 
@@ -146,16 +145,9 @@ def run_pruning(argv: list[str]) -> dict:
     calibration, heldout = _data(args, tokenizer)
     if not args.plan:
         plan = choose_plan(model, calibration, args)
-    original = copy.deepcopy(model)  # for the latency comparison (a few MB at the embedded scale; skip with 0 repeats)
-    before = describe(model) | _perplexity(model, heldout, tokenizer, args)
+    before = describe(model) | _perplexity(model, heldout, tokenizer, args) | _latency(model, args)
     prune(model, plan, standard)
-    after = describe(model) | _perplexity(model, heldout, tokenizer, args)
-    if args.latency_repeats:
-        ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.max_length),
-                            generator=torch.Generator().manual_seed(args.seed))
-        latency = forward_latency({"before": original, "after": model}, ids, args.latency_repeats)
-        before["latency_ms"], after["latency_ms"] = latency["before"] * 1e3, latency["after"] * 1e3
-    del original
+    after = describe(model) | _perplexity(model, heldout, tokenizer, args) | _latency(model, args)
     save_pruned(model, args.output_dir, plan)
     tokenizer.save_pretrained(args.output_dir)
     results = {"model": args.model, "output_dir": args.output_dir, "before": before, "after": after,
@@ -222,6 +214,17 @@ def _perplexity(model, heldout, tokenizer, args) -> dict:
         return {}
     result = evaluate_models({"model": model}, heldout, DistillationCollator(tokenizer), args.batch_size, reference=None)
     return {"perplexity": result["model"]["perplexity"]}
+
+
+def _latency(model, args: PruneArguments) -> dict:
+    """Median forward time on one fixed batch, measured on the model in place (before and after pruning: no copy of
+    the model is kept, which for a large model would double its memory; ``scripts/bench_pruning.py`` alternates two
+    models for a noise-robust ratio)."""
+    if not args.latency_repeats:
+        return {}
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.max_length),
+                        generator=torch.Generator().manual_seed(args.seed))
+    return {"latency_ms": forward_latency({"model": model}, ids, args.latency_repeats)["model"] * 1e3}
 
 
 def format_report(results: dict) -> str:

@@ -42,6 +42,8 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from llm_distill.models import keep_layers_in_config, renumber_layer_idx
+
 logger = logging.getLogger(__name__)
 
 PRUNING_FILE = "pruning.json"
@@ -488,16 +490,8 @@ def _drop_layers(model, family: Family, keep: list[int]) -> None:
     parent = model.base_model.get_submodule(parent_path) if parent_path else model.base_model
     old = getattr(parent, name)
     setattr(parent, name, nn.ModuleList([old[i] for i in keep]))
-    for new_idx, block in enumerate(getattr(parent, name)):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):  # the KV cache is indexed by it
-                module.layer_idx = new_idx
-    config = model.config
-    n_old = config.num_hidden_layers
-    for key, value in config.to_dict().items():  # per-layer lists: layer_types, mlp_layer_types, no_rope_layers ...
-        if "layer" in key and isinstance(value, (list, tuple)) and len(value) == n_old:
-            setattr(config, key, [value[i] for i in keep])
-    config.num_hidden_layers = len(keep)
+    renumber_layer_idx(getattr(parent, name))
+    keep_layers_in_config(model.config, keep)
     record = pruned_heads_of(model)
     if record:
         _set_pruned_heads(model, {new: record[old] for new, old in enumerate(keep) if old in record})
