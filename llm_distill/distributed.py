@@ -24,6 +24,7 @@ loop does; :func:`llm_distill.evaluation.evaluate_models` pads ranks to equal ba
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import socket
@@ -213,3 +214,33 @@ def is_sharded(model: torch.nn.Module) -> bool:
     if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
         return True
     return any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 partitioned params of an unwrapped model
+
+
+def shutdown_distributed(*holders) -> None:
+    """Tear the process group down explicitly (gloo intermittently aborts at interpreter exit otherwise).
+
+    ``holders`` (trainers, accelerators, modules) may hold DDP wrappers; their C++ ``Reducer`` is released first,
+    while the group is still alive. Why: a Reducer is freed with the GIL held, and when it holds the group's last
+    reference (after ``destroy_process_group``) its destructor joins gloo's worker thread, which may itself wait for
+    the GIL to free the tensors of a finished collective: a deadlock at exit, seen on CI after a 2-rank run
+    (py-spy: ``~Reducer -> ~ProcessGroupGloo -> thread::join``, worker in ``decref_pyobject``)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for ddp in _ddp_wrappers(holders):
+        for attr in ("logger", "reducer"):  # the Logger holds the Reducer too
+            ddp.__dict__.pop(attr, None)
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _ddp_wrappers(holders) -> list[torch.nn.Module]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    candidates = []
+    for h in holders:
+        candidates += [h, getattr(h, "model_wrapped", None), getattr(h, "model", None)]
+        accelerator = getattr(h, "accelerator", h)
+        candidates += list(getattr(accelerator, "_models", []))
+    found = {id(m): m for m in candidates if isinstance(m, DistributedDataParallel)}
+    return list(found.values())

@@ -842,10 +842,3 @@ def format_summary(s: dict) -> str:
         f"processes         {s['world_size']}, batch size {s['batch_size']}, wall time {s['wall_time_s']:.1f}s",
     ]
     return "\n".join(lines)
-
-
-def cleanup_distributed() -> None:
-    """Tear the process group down explicitly: gloo intermittently aborts at interpreter exit otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -34,7 +34,7 @@ from llm_distill.data import (
     masked_lm_collator,
     prepare_dataset,
 )
-from llm_distill.distributed import gathered_for_forward, is_sharded
+from llm_distill.distributed import gathered_for_forward, is_sharded, shutdown_distributed
 from llm_distill.evaluation import evaluate_models
 from llm_distill.models import (
     apply_lora,
@@ -196,7 +196,7 @@ def run_distillation(argv: list[str]) -> dict | None:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "distill_results.json").write_text(json.dumps(results, indent=2))
         print(format_report(results))
-    _cleanup_distributed()
+    shutdown_distributed(trainer)  # DDP's reducer first: see its docstring (a hang at exit otherwise)
     return results
 
 
@@ -234,10 +234,3 @@ def _student_for_eval(trainer) -> torch.nn.Module:
         return trainer.model_wrapped
     student = trainer.accelerator.unwrap_model(trainer.model)
     return student if is_sharded(student) else student.to(trainer.args.device)
-
-
-def _cleanup_distributed() -> None:
-    """Tear the process group down explicitly: gloo intermittently aborts at interpreter exit otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.generation import cleanup_distributed, format_summary, parse, run_generation  # noqa: E402
+from llm_distill.distributed import shutdown_distributed  # noqa: E402
+from llm_distill.generation import format_summary, parse, run_generation  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "generate.yaml"
 
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> dict:
     try:
         summary = run_generation(args)
     finally:
-        cleanup_distributed()
+        shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         if os.environ.get("LLM_DISTILL_PRINT_JSON"):

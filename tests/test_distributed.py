@@ -7,6 +7,7 @@ command), so what is tested is what users run.
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_distill import DistillationCollator, DistillationConfig, DistillationTrainer
-from llm_distill.distributed import free_port, is_sharded, teacher_backend
+from llm_distill.distributed import free_port, is_sharded, shutdown_distributed, teacher_backend
 from llm_distill.launch import build_command, launch, parse
 from llm_distill.run import run_distillation
 
@@ -45,12 +46,20 @@ def one_thread():
 
 def launch_two_ranks(script, args, tmp_path):
     for attempt in range(2):
-        proc = launch(str(script), args, cpu_processes=2, capture_output=True, text=True, timeout=240, cwd=REPO,
-                      env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        try:
+            proc = launch(str(script), args, cpu_processes=2, capture_output=True, text=True, timeout=240, cwd=REPO,
+                          env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        except subprocess.TimeoutExpired as e:  # a hung rank: show how far each got (the exception's repr does not)
+            pytest.fail(f"2-rank run hung (killed after {e.timeout}s):\n{_text(e.stdout)[-3000:]}\n"
+                        f"{_text(e.stderr)[-6000:]}")
         if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
             break  # retry only the race on the free port (another job took it between pick and bind)
     assert proc.returncode == 0, f"2-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def train_logs(out):
@@ -164,6 +173,31 @@ def test_fsdp_requested_on_cpu_warns_that_it_falls_back_to_ddp(tiny_tokenizer, l
     with caplog.at_level(logging.WARNING, logger="llm_distill.distributed"):
         assert teacher_backend(Accelerator(cpu=True)) == "replicated"
     assert "not sharded" in caplog.text
+
+
+def test_shutdown_releases_ddp_reducers_before_destroying_the_group():
+    """The exit deadlock (a Reducer holding the group's last reference, freed with the GIL held) cannot happen if
+    every DDP wrapper a trainer holds has dropped its Reducer and Logger before the group is destroyed."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(4, 2))
+        ddp(torch.randn(3, 4)).sum().backward()  # a real all-reduce went through the group
+
+        class Holder:  # what a Trainer exposes: model_wrapped and accelerator._models
+            model_wrapped = ddp
+            accelerator = type("Acc", (), {"_models": [ddp]})()
+
+        assert "reducer" in ddp.__dict__ and "logger" in ddp.__dict__
+        shutdown_distributed(Holder())
+        assert "reducer" not in ddp.__dict__ and "logger" not in ddp.__dict__
+        assert not dist.is_initialized()
+        shutdown_distributed(Holder())  # idempotent: nothing left to tear down
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- real ranks (slow)
