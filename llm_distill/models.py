@@ -7,6 +7,7 @@ to the offline default first (``llm_distill.tiny``). Causal LMs load with ``Auto
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 
@@ -102,6 +103,13 @@ def vocab_size_of(model) -> int:
 
 class VocabularyMismatchError(ValueError):
     pass
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes its KV cache under: transformers 5.x renamed ``past_key_values`` to ``cache``
+    (the old name is removed in 5.40), while older 5.x releases and custom models know only ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards take **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def check_vocab_compatible(teacher, student, tokenizer=None) -> int:

@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
-from llm_distill.models import VocabularyMismatchError
+from llm_distill.models import VocabularyMismatchError, cache_kwarg
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ class SpeculativeDecoder:
         self.target, self.draft, self.tokenizer = target.eval(), draft.eval(), tokenizer
         self.gamma, self.adaptive_gamma, self.max_gamma = gamma, adaptive_gamma, max_gamma
         self.fixed_cost_ratio, self.compact_threshold = cost_ratio, compact_threshold
+        self._cache_kwarg = {id(m): cache_kwarg(m) for m in (target, draft)}
 
     # ------------------------------------------------------------------------------------------- helpers
 
@@ -288,7 +289,7 @@ class SpeculativeDecoder:
             mask = valid.long()
             position_ids = (mask.cumsum(1) - 1).clamp_min(0)[:, start:end]  # count only this row's real tokens
         out = model(input_ids=batch.tokens[:, start:end], attention_mask=mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{self._cache_kwarg[id(model)]: cache})
         return out.logits[..., : self.vocab_size]
 
     def _sample(self, probs: torch.Tensor, generator) -> torch.Tensor:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
     BertConfig,
     BertForMaskedLM,
     DistilBertConfig,
@@ -40,7 +41,7 @@ from llm_distill.importance import (
 )
 from conftest import _corpus_texts as corpus
 from conftest import write_jsonl
-from llm_distill.models import load_causal_lm
+from llm_distill.models import cache_kwarg, load_causal_lm
 from llm_distill.pruning import (
     PruningPlan,
     PruningPlanError,
@@ -168,10 +169,11 @@ def assert_cached_decoding_matches(pruned, reference, prompt: int = 5, t: int = 
     ids = batch(seed=3, b=2, t=t)["input_ids"]
     full = outputs(reference, {"input_ids": ids})
     with torch.no_grad():
-        out = pruned(input_ids=ids[:, :prompt], use_cache=True)
+        cache = {cache_kwarg(pruned): DynamicCache(config=pruned.config)}  # filled in place, call after call
+        out = pruned(input_ids=ids[:, :prompt], use_cache=True, **cache)
         steps = [out.logits[:, -1]]
         for i in range(prompt, t - 1):
-            out = pruned(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = pruned(input_ids=ids[:, i:i + 1], use_cache=True, **cache)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt - 1:t - 1], atol=ATOL, rtol=0)
 

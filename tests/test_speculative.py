@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import make_llama
 
+from llm_distill.models import cache_kwarg
+
 from llm_distill.speculative import (
     SpeculativeDecoder,
     VocabularyMismatchError,
@@ -174,6 +176,22 @@ def test_target_as_its_own_draft_accepts_everything(llama_pair, prompts, tiny_to
         assert out.stats.mean_accepted_length == gamma + 1
         assert out.stats.target_calls == max_new // (gamma + 1)
         assert out.stats.per_position_acceptance == [1.0] * gamma
+
+
+def test_cache_goes_under_the_name_each_forward_takes(llama_pair):
+    """transformers 5.x's ``cache`` where the forward takes it (``past_key_values`` is deprecated, gone in 5.40), the
+    old name for models that only know it (like the stub). HF forwards swallow unknown kwargs, so a wrong name would
+    silently run without the cache."""
+    import inspect
+
+    target, _ = llama_pair
+    if "cache" in inspect.signature(type(target).forward).parameters:  # transformers releases after the rename
+        assert cache_kwarg(target) == "cache"
+        with pytest.warns(FutureWarning, match="past_key_values"):  # what the old name costs on these releases
+            target(input_ids=torch.tensor([[1, 2]]), past_key_values=None, use_cache=True)
+    else:
+        assert cache_kwarg(target) == "past_key_values"
+    assert cache_kwarg(MarkovLM(successor_table(4))) == "past_key_values"
 
 
 def test_stub_always_accept():
