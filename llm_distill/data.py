@@ -8,7 +8,9 @@ Three row formats, the ones TRL and the OpenAI API use:
   loss on assistant turns only.
 
 Every row is checked before anything is tokenised or trained, and a bad row is reported with the file,
-line and field, e.g. ``data.jsonl line 7: field 'response' is empty``.
+line and field, e.g. ``data.jsonl line 7: field 'response' is empty``. One empty target is legitimate: a
+generated row whose teacher stopped at once (``"finish_reason": "eos"`` and an empty response) teaches the
+student to stop there; its only label is the EOS token (or the chat template's end of turn).
 """
 
 from __future__ import annotations
@@ -64,15 +66,20 @@ def detect_format(keys, fields: Fields, where: str) -> str:
     )
 
 
-def _nonempty_str(row: dict, key: str, where: str) -> str:
+def _nonempty_str(row: dict, key: str, where: str, may_be_empty: bool = False) -> str:
     if key not in row:
         raise DataValidationError(f"{where}: field '{key}' is missing.")
     value = row[key]
     if not isinstance(value, str):
         raise DataValidationError(f"{where}: field '{key}' must be a string, got {type(value).__name__}.")
-    if not value.strip():
+    if not value.strip() and not may_be_empty:
         raise DataValidationError(f"{where}: field '{key}' is empty.")
     return value
+
+
+def _teacher_stopped_at_once(row: dict) -> bool:
+    """A generated row (``scripts/generate.py``) whose response is empty because the teacher emitted EOS first."""
+    return row.get("finish_reason") == "eos"
 
 
 def validate_row(row: dict, fmt: str, fields: Fields, where: str) -> None:
@@ -83,7 +90,7 @@ def validate_row(row: dict, fmt: str, fields: Fields, where: str) -> None:
     elif fmt == "prompt_response":
         _nonempty_str(row, fields.prompt, where)
         key = fields.response if fields.response in row or "completion" not in row else "completion"
-        _nonempty_str(row, key, where)
+        _nonempty_str(row, key, where, may_be_empty=_teacher_stopped_at_once(row))
     else:
         messages = row.get(fields.messages)
         if not isinstance(messages, list) or not messages:
@@ -93,7 +100,8 @@ def validate_row(row: dict, fmt: str, fields: Fields, where: str) -> None:
             if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
                 raise DataValidationError(f"{where}: field '{fields.messages}[{i}]' must be an object with 'role' "
                                           f"in {ROLES} and a string 'content'.")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        stopped = _teacher_stopped_at_once(row) and messages[-1]["role"] == "assistant"
+        if not stopped and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise DataValidationError(f"{where}: field '{fields.messages}' has no non-empty assistant turn, so there "
                                       "is nothing to learn from this row.")
 

@@ -149,9 +149,11 @@ class GenerateArguments:
     )
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing output (any config) and start again."})
     drop_empty: bool = field(
-        default=True,
-        metadata={"help": "Leave responses that are empty (EOS first) out of the final file: the trainer cannot "
-                          "learn from them. They are still counted in the summary."},
+        default=False,
+        metadata={"help": "Leave empty responses (the teacher emitted EOS first) out of the final file; they are "
+                          "counted in the summary and listed in <stem>.meta.json. Off by default: every prompt id "
+                          "is in the file exactly once, and scripts/distill.py trains on such a row's one label "
+                          "(stop here)."},
     )
     vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: fraction of GPU memory to use."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model replica."})
@@ -642,7 +644,8 @@ class ShardStore:
         # Empty responses stay recorded (a resume must not generate them again) only in the meta file.
         shutil.rmtree(self.parts, ignore_errors=True)
         return {"rows_written": len(keys) - len(empty), "empty_dropped": len(empty),
-                "empty_ids": [k[0] for k in empty[:100]], "finish_reasons": dict(Counter(rows[k]["finish_reason"] for k in keys))}
+                "empty_dropped_rows": [{"id": k[0], "sample_index": k[1]} for k in empty],
+                "finish_reasons": dict(Counter(rows[k]["finish_reason"] for k in keys))}
 
 
 # ---------------------------------------------------------------------------------------------- rows

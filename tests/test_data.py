@@ -111,6 +111,30 @@ def test_truncation_and_prompt_that_fills_max_length_is_dropped(tmp_path, tiny_t
     assert "dropping 1 sequences" in caplog.text and "truncated" in caplog.text
 
 
+def test_teacher_that_stopped_at_once_teaches_stop_here(tmp_path, tiny_tokenizer):
+    """A generated row with an empty response and finish_reason eos is kept (generate.py writes every prompt id):
+    its one label is the stop token, EOS or the chat template's end of turn. Empty elsewhere is still an error."""
+    path = write_jsonl(tmp_path / "gen.jsonl", [{"id": "a", "prompt": "def f():", "response": "", "finish_reason": "eos"},
+                                                 {"id": "b", "prompt": "x", "response": "y", "finish_reason": "length"}])
+    ds, fmt = load_rows(str(path))
+    out = prepare_dataset(ds, fmt, tiny_tokenizer, args())
+    labelled = [[t for t in r["labels"] if t != IGNORE_INDEX] for r in out]
+    assert labelled[0] == [tiny_tokenizer.eos_token_id]
+    assert tiny_tokenizer.eos_token_id not in labelled[1]  # cut at max_new_tokens: no stop is taught
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"id": "c", "messages": chat, "finish_reason": "eos"}])
+    ds, fmt = load_rows(str(path))
+    row = prepare_dataset(ds, fmt, tiny_tokenizer, args())[0]
+    assert tiny_tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "<|end|>\n"
+
+    for bad, message in (({"prompt": "p", "response": ""}, "field 'response' is empty"),
+                         ({"prompt": "p", "response": " ", "finish_reason": "length"}, "field 'response' is empty"),
+                         ({"messages": chat}, "field 'messages' has no non-empty assistant turn")):
+        with pytest.raises(DataValidationError, match=f"line 1: {message}"):
+            load_rows(str(write_jsonl(tmp_path / "bad.jsonl", [bad])))
+
+
 def test_completion_is_accepted_as_response(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "c", "id": 3}])
     ds, fmt = load_rows(str(path))

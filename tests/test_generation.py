@@ -218,7 +218,7 @@ def test_sampling_is_seeded_and_several_samples_per_prompt(tiny_tokenizer, llama
 
 
 def test_rows_metadata_and_input_order(teacher_dir, prompts_file, tmp_path):
-    args = gen_args(teacher_dir, prompts_file, tmp_path / "out.jsonl", drop_empty=False)
+    args = gen_args(teacher_dir, prompts_file, tmp_path / "out.jsonl")
     summary = run_generation(args)
     rows = read(args.output)
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(len(PROMPTS))]  # input order, not length order
@@ -234,12 +234,12 @@ def test_rows_metadata_and_input_order(teacher_dir, prompts_file, tmp_path):
 
 
 def test_resume_repairs_truncated_line_and_matches_uninterrupted(teacher_dir, prompts_file, tmp_path):
-    full = gen_args(teacher_dir, prompts_file, tmp_path / "full.jsonl", drop_empty=False)
+    full = gen_args(teacher_dir, prompts_file, tmp_path / "full.jsonl")
     run_generation(full)
     reference = read(full.output)
 
     # A crash: two batches on disk (rows in plan order), the third cut mid-line, no final file.
-    part = gen_args(teacher_dir, prompts_file, tmp_path / "part.jsonl", drop_empty=False)
+    part = gen_args(teacher_dir, prompts_file, tmp_path / "part.jsonl")
     store_meta = json.loads((tmp_path / "full.meta.json").read_text())
     (tmp_path / "part.meta.json").write_text(json.dumps({"fingerprint": store_meta["fingerprint"], "complete": False}))
     shard = tmp_path / "part.jsonl.parts" / "shard-00000.jsonl"
@@ -318,7 +318,7 @@ def test_chat_rows_are_messages_the_trainer_reads(teacher_dir, tmp_path, tiny_to
         {"id": "a", "messages": [{"role": "user", "content": "def add(a, b):"}]},
         {"id": "b", "prompt": "import os"},
     ])
-    args = gen_args(teacher_dir, prompts, tmp_path / "chat_out.jsonl", chat_template="auto", drop_empty=False)
+    args = gen_args(teacher_dir, prompts, tmp_path / "chat_out.jsonl", chat_template="auto")
     run_generation(args)
     rows = read(args.output)
     assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant"]
@@ -351,7 +351,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(teacher_dir, tmp_path
     many = write_jsonl(tmp_path / "many.jsonl", [{"id": i, "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // 20)}
                                                  for i in range(n)])
     script = [PY, str(REPO_ROOT / "scripts" / "generate.py")]
-    small = dict(batch_size=2, max_new_tokens=8, drop_empty=False)
+    small = dict(batch_size=2, max_new_tokens=8)
     reference = gen_args(teacher_dir, many, tmp_path / "ref.jsonl", **small)
     run_generation(reference)
 
@@ -382,10 +382,10 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(teacher_dir, tmp_path
 def test_two_processes_match_one_process(teacher_dir, tmp_path):
     many = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": PROMPTS[i % len(PROMPTS)] + "\n" * (i % 3)}
                                               for i in range(16)])
-    one = gen_args(teacher_dir, many, tmp_path / "one.jsonl", batch_size=4, max_new_tokens=8, drop_empty=False)
+    one = gen_args(teacher_dir, many, tmp_path / "one.jsonl", batch_size=4, max_new_tokens=8)
     assert run_generation(one)["world_size"] == 1
 
-    two = gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=8, drop_empty=False)
+    two = gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=8)
     def launch(args):
         cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -401,8 +401,7 @@ def test_two_processes_match_one_process(teacher_dir, tmp_path):
     assert read(two.output) == read(one.output)
     # A refusal on the main process (another config on the same output) stops both ranks, none hangs at a barrier.
     start = time.time()
-    refused = launch(gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=9,
-                              drop_empty=False))
+    refused = launch(gen_args(teacher_dir, many, tmp_path / "two.jsonl", batch_size=4, max_new_tokens=9))
     assert refused.returncode != 0 and "max_new_tokens" in refused.stderr and time.time() - start < 120
     assert "The main process stopped" in refused.stderr  # the other rank's own error names the cause too
 
@@ -421,3 +420,28 @@ def test_repair_jsonl_keeps_every_complete_row_before_a_long_truncated_one(tmp_p
     path.write_bytes(b'{"id": "only", "resp')
     repair_jsonl(path)
     assert path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("drop_empty", [False, True])
+def test_empty_responses_are_kept_unless_dropped_on_request(tmp_path, drop_empty):
+    """By default every prompt id is in the final file once, an empty answer (EOS first) included: the trainer
+    learns "stop here" from it. ``drop_empty`` leaves such rows out and lists each one in the summary."""
+    from llm_distill.generation import ShardStore
+
+    rows = [{"id": "p0", "response": "x = 1", "finish_reason": "eos"},
+            {"id": "p1", "response": "", "finish_reason": "eos"},
+            {"id": "p1", "sample_index": 1, "response": "y", "finish_reason": "length"}]
+    store = ShardStore(tmp_path / "out.jsonl")
+    assert store.prepare({"config": 1}, overwrite=False) == "new"
+    with store.open_shard(0) as handle:
+        store.append(handle, rows)
+    expected = {("p0", 0), ("p1", 0), ("p1", 1)}
+    merged = store.merge({"p0": 0, "p1": 1}, expected, drop_empty)
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert merged["finish_reasons"] == {"eos": 2, "length": 1}
+    if drop_empty:
+        assert written == [rows[0], rows[2]] and merged["rows_written"] == 2 and merged["empty_dropped"] == 1
+        assert merged["empty_dropped_rows"] == [{"id": "p1", "sample_index": 0}]
+    else:
+        assert written == rows and merged["rows_written"] == 3 and merged["empty_dropped"] == 0
+    assert GenerateArguments.__dataclass_fields__["drop_empty"].default is False
