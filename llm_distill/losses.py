@@ -316,8 +316,9 @@ def triple_loss(
 # rows at a time, in fp32 per chunk, and computes each chunk's gradient *during the forward* (as Liger-kernel's
 # fused-linear losses do), so autograd never stores a per-token tensor of width V. Given hidden states and the
 # ``lm_head`` weight instead of logits ("fused linear"), the full logits are never built at all: peak memory is
-# O(chunk_size x V) instead of O(N x V). Each chunk reuses ``token_divergence``, so every ``loss_type`` has the
-# plain path's math by construction.
+# O(chunk_size x V) instead of O(N x V). Each chunk's gradient is in closed form for a live teacher (every
+# ``loss_type``: ``_divergence_and_h``) and autograd over ``token_divergence`` / ``topk_divergence`` otherwise; the
+# parity tests hold both to the plain path's losses and gradients.
 
 
 def topk_divergence(
@@ -444,6 +445,70 @@ def _forward_kl_chunk(logits, teacher, targets, temperature: float, kd_scale: fl
     return kd, ce, grad
 
 
+def _divergence_and_h(logq: torch.Tensor, logp: torch.Tensor, opts: ChunkedLossOptions, need_h: bool):
+    """Per-row divergence ``(c,)`` at temperature (before the T^2 factor), as ``token_divergence`` computes it, and
+    ``h = q * dL/dq`` ``(c, V)``: through the softmax, ``dL/dz = h - q * sum(h)`` for the scaled logits ``z = s / T``.
+
+    ``dL/dq`` per divergence (``m`` the mixture; derivations in docs/memory-lean-loss.md):
+    reverse KL ``log q - log p (+1)``; JSD ``(1 - beta) (log q - log m)``; skew forward KL ``-(1 - lam) p / m``;
+    skew reverse KL ``log q - log m - lam q / m (+1)``; TVD ``sign(q - p) / 2`` (constants cancel in ``h - q sum h``).
+    """
+    kind, beta, lam = opts.loss_type, opts.jsd_beta, opts.skew_lambda
+    if kind == "jsd" and beta in (0.0, 1.0):  # the endpoints token_divergence maps to the two KLs
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    q, h = logq.exp(), None
+    if kind == "forward_kl":
+        div = _kl_from_logprobs(logp, logq)
+        h = -logp.exp() if need_h else None
+    elif kind == "reverse_kl":
+        div = _kl_from_logprobs(logq, logp)
+        h = q * (logq.clamp_min(_NEG_LIMIT) - logp.clamp_min(_NEG_LIMIT)) if need_h else None
+    elif kind == "jsd":
+        logm = _log_mixture(logp, logq, beta)
+        div = beta * _kl_from_logprobs(logp, logm) + (1.0 - beta) * _kl_from_logprobs(logq, logm)
+        h = (1.0 - beta) * q * (logq - logm) if need_h else None
+    elif kind == "skew_forward_kl":
+        logm = _log_mixture(logp, logq, lam)
+        div = _kl_from_logprobs(logp, logm)
+        h = -(1.0 - lam) * (logp + logq - logm).exp() if need_h else None
+    elif kind == "skew_reverse_kl":
+        logm = _log_mixture(logp, logq, 1.0 - lam)
+        div = _kl_from_logprobs(logq, logm)
+        h = q * (logq - logm - lam * (logq - logm).exp()) if need_h else None
+    else:  # tvd
+        p = logp.exp()
+        div = 0.5 * (p - q).abs().sum(-1)
+        h = 0.5 * q * torch.sign(q - p) if need_h else None
+    return div, h
+
+
+def _divergence_chunk(logits, teacher, targets, opts: ChunkedLossOptions, kd_scale: float, ce_scale: float,
+                      need_grad: bool):
+    """Any divergence + CE of one chunk with its gradient w.r.t. the logits in closed form (no autograd graph):
+    the same contract as ``_forward_kl_chunk``, which stays the fused fast path of the default."""
+    if opts.loss_type == "forward_kl" or teacher is None:
+        return _forward_kl_chunk(logits, teacher, targets, opts.temperature, kd_scale, ce_scale, need_grad)
+    temperature = opts.temperature
+    logq = F.log_softmax(logits, dim=-1)  # (c, Vs) at T = 1, for CE
+    label_rows = targets != IGNORE_INDEX  # (c,)
+    ce = -(logq.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1) * label_rows).sum()
+    vocab = min(logits.shape[-1], teacher.shape[-1])  # padded embedding matrices: the shared ids only
+    shared = temperature == 1.0 and vocab == logits.shape[-1]
+    logq_t = logq if shared else F.log_softmax(logits[:, :vocab] / temperature, dim=-1)
+    t = teacher[:, :vocab]
+    logp_t = F.log_softmax(t if temperature == 1.0 else t / temperature, dim=-1)
+    div, h = _divergence_and_h(logq_t, logp_t, opts, need_grad)
+    kd = div.sum() * temperature**2
+    if not need_grad:
+        return kd, ce, None
+    grad = logq.exp().mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs): CE's q part
+    grad.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), (label_rows * -ce_scale).to(grad.dtype).unsqueeze(1))
+    q_t = logq_t.exp()
+    # d/ds [T^2 L(q_T)] = T (h - q_T sum h); weighted by kd_scale
+    grad[:, :vocab].add_(h.sub_(q_t.mul_(h.sum(-1, keepdim=True))), alpha=kd_scale * temperature)
+    return kd, ce, grad
+
+
 class _ChunkedDistillationFunction(torch.autograd.Function):
     """Loss and its gradients, ``chunk_size`` rows at a time; gradients are computed in ``forward`` and only
     scaled by the incoming scalar in ``backward`` (the objective is linear in that scalar)."""
@@ -459,8 +524,9 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         use_ce = opts.ce_weight > 0.0
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         ce_total = hidden.new_zeros((), dtype=torch.float32)
-        # forward KL (the default) with a live teacher or none: closed-form gradient; the rest: autograd per chunk
-        closed_form = opts.loss_type == "forward_kl" and topk_ids is None and kd_rows is None
+        # a live teacher or none: closed-form gradients (every divergence); stored top-k or KD on a subset of the
+        # rows (kd_positions: all): autograd per chunk
+        closed_form = topk_ids is None and kd_rows is None
         if closed_form:  # the weights over the denominators, read once (not a device sync per chunk)
             kd_scale = float(opts.kd_weight / kd_denom) if use_kd else 0.0
             ce_scale = float(opts.ce_weight / denom) if use_ce else 0.0
@@ -475,8 +541,8 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
                 teacher = None
             need_grad = need_h or need_w or need_b
             if closed_form:
-                kd, ce, g = _forward_kl_chunk(logits, teacher if use_kd else None, targets[rows], opts.temperature,
-                                              kd_scale, ce_scale, need_grad and (use_kd or use_ce))
+                kd, ce, g = _divergence_chunk(logits, teacher if use_kd else None, targets[rows], opts, kd_scale,
+                                              ce_scale, need_grad and (use_kd or use_ce))
             elif need_grad:
                 logits.requires_grad_(True)
                 with torch.enable_grad():

@@ -66,6 +66,23 @@ def test_closed_form_forward_kl_gradient_equals_autograd(temperature, vs, vt, al
     assert_same(ref, out, torch.autograd.grad(ref.loss, (hs, ws, bs)), torch.autograd.grad(out.loss, (hs, ws, bs)))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("loss_type,params", [
+    ("reverse_kl", {}), ("tvd", {}),
+    ("jsd", {"jsd_beta": 0.0}), ("jsd", {"jsd_beta": 0.5}), ("jsd", {"jsd_beta": 1.0}),
+    ("skew_forward_kl", {"skew_lambda": 0.0}), ("skew_forward_kl", {"skew_lambda": 1.0}),
+    ("skew_reverse_kl", {"skew_lambda": 0.0}), ("skew_reverse_kl", {"skew_lambda": 1.0}),
+])
+def test_closed_form_gradient_of_every_divergence_equals_autograd(temperature, loss_type, params):
+    """Every divergence takes a closed-form gradient (h - q sum h); at T = 1 the student's softmax is shared with CE,
+    and at the parameter endpoints (JSD beta 0 / 1, skew lambda 0 / 1) the formulas must reduce to their limits."""
+    hs, ws, bs, ht, wt, labels = batch(5)
+    kw = dict(KW, loss_type=loss_type, alpha=0.6, temperature=temperature, **params)
+    ref = plain(hs, ws, bs, ht, wt, labels, **kw)
+    out = chunked_distillation_loss(hs, ws, ht, wt, labels, student_bias=bs, chunk_size=7, **kw)
+    assert_same(ref, out, torch.autograd.grad(ref.loss, (hs, ws, bs)), torch.autograd.grad(out.loss, (hs, ws, bs)))
+
+
 def test_upstream_gradient_scale_is_applied():
     """backward() of ``c * loss`` (DDP's loss x world_size, a user's weighting) scales every gradient by c; a
     plain ``loss.backward()`` takes the unscaled fast path. Both must equal the plain path's gradients."""
