@@ -40,15 +40,19 @@ def _load_kwargs(dtype: str, attn_implementation: str | None, trust_remote_code:
     return kwargs
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedModel:
+def _load(auto_class, name_or_path: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool):
     kwargs = _load_kwargs(dtype, attn_implementation, trust_remote_code)
     from llm_distill.pruning import is_pruned_dir, load_pruned
 
     path = tiny.resolve(name_or_path)
     if is_pruned_dir(path):  # written by scripts/prune.py: per-layer shapes may differ from config.json's
         return load_pruned(path, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return auto_class.from_pretrained(path, **kwargs)
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    return _load(AutoModelForCausalLM, name_or_path, dtype, attn_implementation, trust_remote_code)
 
 
 def lm_kind(config, trust_remote_code: bool = False) -> str:
@@ -70,8 +74,7 @@ def lm_kind(config, trust_remote_code: bool = False) -> str:
 
 def load_masked_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
                    trust_remote_code: bool = False) -> PreTrainedModel:
-    kwargs = _load_kwargs(dtype, attn_implementation, trust_remote_code)
-    return AutoModelForMaskedLM.from_pretrained(tiny.resolve(name_or_path), **kwargs)
+    return _load(AutoModelForMaskedLM, name_or_path, dtype, attn_implementation, trust_remote_code)
 
 
 def load_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,

@@ -19,7 +19,15 @@ from transformers import set_seed
 
 from llm_distill.cli import parse_args_and_config
 from llm_distill.config import DTYPES, DataArguments, _check
-from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
+from llm_distill.data import (
+    DistillationCollator,
+    Fields,
+    for_masked_lm,
+    load_rows,
+    mask_once,
+    masked_lm_collator,
+    prepare_dataset,
+)
 from llm_distill.evaluation import evaluate_models, forward_latency
 from llm_distill.importance import (
     Importance,
@@ -29,7 +37,7 @@ from llm_distill.importance import (
     gradient_importance,
     layer_removal_loss,
 )
-from llm_distill.models import load_causal_lm, load_tokenizer
+from llm_distill.models import lm_kind, load_lm, load_tokenizer
 from llm_distill.pruning import GQA_MODES, PruningPlan, check_plan, layer_shapes, prune, save_pruned
 
 logger = logging.getLogger(__name__)
@@ -44,8 +52,9 @@ LAYER_IMPORTANCE = {"block_influence": block_influence, "loss": layer_removal_lo
 class PruneArguments:
     """What to prune, how to score it, and on which data."""
 
-    model: str = field(default="embedded:teacher", metadata={"help": "Model to prune: hub id, local path (a pruned "
-                                                                     "folder works too) or 'embedded:teacher'."})
+    model: str = field(default="embedded:teacher", metadata={"help": "Model to prune, causal or masked LM: hub id, "
+                                                                     "local path (a pruned folder works too), "
+                                                                     "'embedded:teacher' or 'embedded:mlm_teacher'."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's); saved with the "
                                                                   "pruned model."})
     output_dir: str = field(default="outputs/pruned", metadata={"help": "Where the pruned model is written."})
@@ -97,6 +106,8 @@ class PruneArguments:
     eval_dataset: str | None = field(default="embedded:heldout", metadata={"help": "Held-out text for the perplexity "
                                                                                    "before / after; empty to skip."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out sequences to evaluate."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Masked LMs: fraction of tokens masked for the "
+                                                                   "scores and the held-out perplexity (seeded)."})
     latency_repeats: int = field(default=10, metadata={"help": "Timed forward passes (batch_size x max_length) of "
                                                                   "the model before and after pruning; median "
                                                                   "reported. 0 = skip."})
@@ -108,6 +119,7 @@ class PruneArguments:
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "an integer >= 1 (or empty to leave untouched)")
         _check(self.drop_layers >= 0, "drop_layers", self.drop_layers, "an integer >= 0")
+        _check(0.0 < self.mlm_probability < 1.0, "mlm_probability", self.mlm_probability, "a number in (0, 1)")
         _check(self.latency_repeats >= 0, "latency_repeats", self.latency_repeats, "an integer >= 0 (0 = skip)")
         _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
         _check(self.importance in IMPORTANCE, "importance", self.importance, f"one of {', '.join(IMPORTANCE)}")
@@ -133,7 +145,8 @@ def run_pruning(argv: list[str]) -> dict:
     set_seed(args.seed)
     start = time.time()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_causal_lm(args.model, args.dtype)
+    masked = lm_kind(args.model) == "masked"  # BERT / DistilBERT: masked tokens score heads and perplexity
+    model = load_lm(args.model, args.dtype)
     standard = args.uniform and args.standard_config
     if args.plan:
         plan = PruningPlan.from_dict(json.loads(Path(args.plan).read_text()))
@@ -142,15 +155,16 @@ def run_pruning(argv: list[str]) -> dict:
         # The sizes alone decide whether the config can describe the result: check them with a stand-in plan
         # (uniform scores) before the calibration data is tokenised and scored.
         check_plan(model, choose_plan(model, None, args, stand_in=True), standard)
-    calibration, heldout = _data(args, tokenizer)
+    calibration, heldout = _data(args, tokenizer, masked)
     if not args.plan:
         plan = choose_plan(model, calibration, args)
-    before = describe(model) | _perplexity(model, heldout, tokenizer, args) | _latency(model, args)
+    before = describe(model) | _perplexity(model, heldout, tokenizer, args, masked) | _latency(model, args)
     prune(model, plan, standard)
-    after = describe(model) | _perplexity(model, heldout, tokenizer, args) | _latency(model, args)
+    after = describe(model) | _perplexity(model, heldout, tokenizer, args, masked) | _latency(model, args)
     save_pruned(model, args.output_dir, plan)
     tokenizer.save_pretrained(args.output_dir)
-    results = {"model": args.model, "output_dir": args.output_dir, "before": before, "after": after,
+    results = {"model": args.model, "objective": "masked_lm" if masked else "causal_lm", "output_dir": args.output_dir,
+               "before": before, "after": after,
                "plan": plan.to_dict(), "importance": args.importance, "layer_importance": args.layer_importance,
                "wall_time_s": time.time() - start}
     Path(args.output_dir, "prune_results.json").write_text(json.dumps(results, indent=1))
@@ -191,7 +205,9 @@ def describe(model) -> dict:
             "mlp_width": per_layer("intermediate_size")}
 
 
-def _data(args: PruneArguments, tokenizer):
+def _data(args: PruneArguments, tokenizer, masked: bool = False):
+    """Calibration batches and held-out rows. Masked LMs: seeded random masks for the calibration batches (the loss
+    the gradient scores use is the MLM loss) and one fixed masking of the held-out rows (before == after masks)."""
     data_args = DataArguments(dataset=args.dataset, dataset_split=args.dataset_split, eval_dataset=args.eval_dataset,
                               packing=True, max_length=args.max_length)
     fields = Fields.from_args(data_args)
@@ -200,19 +216,25 @@ def _data(args: PruneArguments, tokenizer):
     # short documents that pack into less than one block each).
     rows = rows.shuffle(seed=args.seed).select(range(min(len(rows), 4 * args.calibration_samples)))
     train = prepare_dataset(rows, fmt, tokenizer, data_args, args.calibration_samples, args.seed, "calibration")
-    collator = DistillationCollator(tokenizer)
+    if masked:
+        train = for_masked_lm(train, fmt, args.dataset)
+    collator = masked_lm_collator(tokenizer, args.mlm_probability, args.seed) if masked else DistillationCollator(tokenizer)
     calibration = list(DataLoader(train, batch_size=args.batch_size, collate_fn=collator))
     heldout = None
     if args.eval_dataset:
         rows, fmt = load_rows(args.eval_dataset, "train", None, fields)
         heldout = prepare_dataset(rows, fmt, tokenizer, data_args, args.max_eval_samples, args.seed, "eval")
+        if masked:
+            heldout = mask_once(for_masked_lm(heldout, fmt, args.eval_dataset), tokenizer, args.mlm_probability, args.seed)
     return calibration, heldout
 
 
-def _perplexity(model, heldout, tokenizer, args) -> dict:
+def _perplexity(model, heldout, tokenizer, args, masked: bool = False) -> dict:
+    """Held-out perplexity: next-token for causal LMs, masked-token (on the fixed masks) for masked LMs."""
     if heldout is None:
         return {}
-    result = evaluate_models({"model": model}, heldout, DistillationCollator(tokenizer), args.batch_size, reference=None)
+    result = evaluate_models({"model": model}, heldout, DistillationCollator(tokenizer), args.batch_size, reference=None,
+                             shift_labels=not masked)
     return {"perplexity": result["model"]["perplexity"]}
 
 
@@ -234,7 +256,8 @@ def format_report(results: dict) -> str:
             ("KV heads / layer", b["kv_heads_per_layer"], a["kv_heads_per_layer"]),
             ("MLP width", b["mlp_width"], a["mlp_width"])]
     if "perplexity" in b:
-        rows.append(("held-out perplexity", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}"))
+        name = "masked-token ppl" if results.get("objective") == "masked_lm" else "held-out perplexity"
+        rows.append((name, f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}"))
     if "latency_ms" in b:
         rows.append(("forward latency (ms)", f"{b['latency_ms']:.1f}", f"{a['latency_ms']:.1f}"))
     lines = ["", "=== llm-distill: pruning ===", f"{'':<22}{'before':>14}{'after':>14}"]

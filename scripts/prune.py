@@ -5,6 +5,8 @@
     python scripts/prune.py --model Qwen/Qwen2.5-0.5B --keep_heads 8 --drop_layers 6 --gqa per_group \
         --eval_dataset "" --output_dir outputs/qwen-pruned
     python scripts/distill.py --config configs/prune-distill.yaml      # recover: the original is the teacher
+    python scripts/prune.py --model embedded:mlm_teacher --keep_heads 2 --drop_layers 1 --standard_config false \
+        --max_length 128 --output_dir outputs/pruned-mlm                 # a BERT: masked-token scores and perplexity
 
 Scores heads / neurons (``importance``) and layers (``layer_importance``) on calibration data, keeps the most
 important, prints parameters / heads / layers / held-out perplexity before and after, and writes

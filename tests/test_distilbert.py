@@ -163,3 +163,27 @@ def test_embedded_mlm_teacher_builder_is_deterministic_and_reloadable(tmp_path, 
     again = AutoModelForMaskedLM.from_pretrained(build_mlm_teacher(base, recipe, force=True))
     for k, v in again.state_dict().items():
         assert torch.equal(v, first[k]), f"{k} differs between two builds with the same seed"
+
+
+def test_prune_script_on_a_masked_lm_then_distil_it(bert_paths, tmp_path):
+    """scripts/prune.py on a BERT: MLM-loss scores, masked-token perplexity on fixed masks, a head count BertConfig
+    cannot describe saved with pruning.json; then the pruned folder is the student of the DistilBERT recipe, which
+    scores teacher and pruned student on the very masks the prune report used (same figures, independent code)."""
+    from llm_distill.prune_run import format_report, run_pruning
+    from llm_distill.pruning import layer_shapes, load_pruned
+
+    out = tmp_path / "pruned"
+    data = ["--dataset", str(bert_paths["train"]), "--eval_dataset", str(bert_paths["eval"]), "--max_length", "32",
+            "--max_eval_samples", "8", "--mlm_probability", "0.15"]
+    results = run_pruning(["--model", str(bert_paths["teacher"]), "--output_dir", str(out), "--keep_heads", "2",
+                           "--drop_layers", "1", "--standard_config", "false", "--importance", "gradient",
+                           "--calibration_samples", "4", "--batch_size", "2", "--latency_repeats", "0", *data])
+    assert results["objective"] == "masked_lm" and "masked-token ppl" in format_report(results)
+    assert results["after"]["layers"] == 3 and results["after"]["heads_per_layer"] == 2
+    assert [s.num_attention_heads for s in layer_shapes(load_pruned(out))] == [2, 2, 2]
+
+    distilled = run_distillation(distilbert_args(bert_paths, tmp_path / "recovered", "--student_model", str(out),
+                                                 "--student_init", "pretrained", *data))
+    assert distilled["objective"] == "masked_lm" and distilled["steps"] == 3
+    assert distilled["teacher_perplexity"] == pytest.approx(results["before"]["perplexity"], rel=1e-5)
+    assert distilled["student_perplexity_before"] == pytest.approx(results["after"]["perplexity"], rel=1e-5)
