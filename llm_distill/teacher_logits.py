@@ -15,6 +15,11 @@ finished shards are skipped. ``float16`` keeps ~3 significant digits of a log-pr
 parquet has no bf16), for ``6 k`` bytes per token before parquet compression.
 
 The tail outside the top-k is handled by an explicit "other" bucket (``llm_distill.losses.topk_divergence``).
+
+``selection: sample`` stores, in the same columns, ``k`` draws from the teacher instead of its top-k: the distinct
+tokens drawn with ``log(count / k)`` (most frequent first, then zero-weight fillers at ``SAMPLE_FILL``), so the
+stored distribution sums to 1 and the trainer reads it unchanged. Its forward-KL gradient is an unbiased estimate
+of the full-vocabulary one (random-sampling KD, Anshumann et al. 2025), where top-k's is biased toward the head.
 """
 
 from __future__ import annotations
@@ -38,13 +43,22 @@ TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 LOGPROB_DTYPES = ("float16", "float32")
+SELECTIONS = ("top_k", "sample")
+SAMPLE_FILL = -1.0e4  # log-weight of the filler slots of a sampled row: exp() is exactly 0, finite in float16
 
 
 @dataclass
 class StoreArguments:
     """Settings of ``scripts/store_teacher_logits.py`` (the output folder is ``teacher_logits``)."""
 
-    top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position (most likely first)."})
+    top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position (most likely first); with "
+                                                     "selection=sample, the number of draws."})
+    selection: str = field(
+        default="top_k",
+        metadata={"help": "top_k = the k most likely tokens + one tail bucket; sample = k draws from the teacher "
+                          "(seeded by --seed), stored as the distinct tokens and their frequencies: an unbiased "
+                          "estimate of the forward-KL gradient (train with loss_type forward_kl)."},
+    )
     logprob_dtype: str = field(
         default="float16", metadata={"help": f"Storage dtype of the log-probabilities, one of {', '.join(LOGPROB_DTYPES)}."}
     )
@@ -54,6 +68,8 @@ class StoreArguments:
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} is invalid: expected an integer >= 1 (e.g. 64).")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r} is invalid: expected one of {SELECTIONS}.")
         if self.logprob_dtype not in LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={self.logprob_dtype!r} is invalid: expected one of {LOGPROB_DTYPES}.")
         if self.rows_per_shard < 1:
@@ -75,9 +91,11 @@ def data_fingerprint(dataset) -> str:
 
 @torch.no_grad()
 def teacher_topk(teacher, batch: dict, k: int, temperature: float, vocab_size: int, head_path,
-                 chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk_size: int = 1024, selection: str = "top_k",
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ``(ids, logprobs)`` ``(N, k)`` of the teacher at ``temperature`` on the batch's valid positions
-    (row-major), computed ``chunk_size`` positions at a time from final hidden states when possible."""
+    (row-major), computed ``chunk_size`` positions at a time from final hidden states when possible.
+    ``selection="sample"``: ``k`` draws instead (see the module docstring), from ``generator``."""
     inputs = {key: v for key, v in batch.items() if key != "labels"}
     feats = head_path(teacher, inputs)  # hidden states + lm_head, or logits (see llm_distill.lm_head)
     valid = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, S-1): position t predicts label t+1
@@ -87,7 +105,13 @@ def teacher_topk(teacher, batch: dict, k: int, temperature: float, vocab_size: i
         x = rows[start:start + chunk_size]
         logits = x.float() if feats.weight is None else F.linear(x, feats.weight, feats.bias).float()
         logp = F.log_softmax(logits[:, :vocab_size] / temperature, dim=-1)  # (c, V)
-        values, indices = logp.topk(min(k, vocab_size), dim=-1)
+        if selection == "sample":
+            draws = torch.multinomial(logp.exp(), k, replacement=True, generator=generator)  # (c, k)
+            counts = torch.zeros_like(logp).scatter_add_(1, draws, torch.ones_like(draws, dtype=logp.dtype))
+            counts, indices = counts.topk(min(k, vocab_size), dim=-1)  # the drawn ids first, each once
+            values = torch.where(counts > 0, (counts / k).log(), torch.full_like(counts, SAMPLE_FILL))
+        else:
+            values, indices = logp.topk(min(k, vocab_size), dim=-1)
         ids.append(indices.to(torch.int32))
         logprobs.append(values)
     if not ids:
@@ -98,8 +122,9 @@ def teacher_topk(teacher, batch: dict, k: int, temperature: float, vocab_size: i
 def store_teacher_logits(teacher, dataset, out_dir: str | Path, collator, *, top_k: int = 64, temperature: float = 1.0,
                          vocab_size: int, batch_size: int = 8, rows_per_shard: int = 256,
                          logprob_dtype: str = "float16", overwrite: bool = False, meta: dict | None = None,
-                         device: str | torch.device | None = None) -> Path:
-    """Run ``teacher`` over ``dataset`` (``input_ids`` / ``labels`` rows) and write the store; resumable."""
+                         device: str | torch.device | None = None, selection: str = "top_k", seed: int = 0) -> Path:
+    """Run ``teacher`` over ``dataset`` (``input_ids`` / ``labels`` rows) and write the store; resumable (sampled
+    stores too: shard ``i`` draws from its own generator, seeded with ``seed`` and ``i``)."""
     from datasets import Dataset, Features, List, Value
     from tqdm.auto import tqdm
 
@@ -109,7 +134,8 @@ def store_teacher_logits(teacher, dataset, out_dir: str | Path, collator, *, top
     data_dir = out_dir / "data"
     n_shards = max(1, -(-len(dataset) // rows_per_shard))
     manifest = {
-        "format_version": FORMAT_VERSION, "top_k": top_k, "temperature": temperature, "vocab_size": vocab_size,
+        "format_version": FORMAT_VERSION, "top_k": top_k, "selection": selection, "temperature": temperature,
+        "vocab_size": vocab_size,
         "logprob_dtype": logprob_dtype, "num_rows": len(dataset), "rows_per_shard": rows_per_shard,
         "num_shards": n_shards, "shift_labels": True, "data_sha256": data_fingerprint(dataset), **(meta or {}),
     }
@@ -138,10 +164,12 @@ def store_teacher_logits(teacher, dataset, out_dir: str | Path, collator, *, top
     for shard in tqdm(todo, desc="storing teacher top-k", unit="shard"):
         rows = dataset.select(range(shard * rows_per_shard, min((shard + 1) * rows_per_shard, len(dataset))))
         out = {name: [] for name in features}
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + shard) if selection == "sample" else None
         for start in range(0, len(rows), batch_size):
             chunk = [rows[j] for j in range(start, min(start + batch_size, len(rows)))]
             batch = {key: v.to(device) for key, v in collator(chunk).items()}
-            ids, logprobs = teacher_topk(teacher, batch, top_k, temperature, vocab_size, head_path)
+            ids, logprobs = teacher_topk(teacher, batch, top_k, temperature, vocab_size, head_path,
+                                         selection=selection, generator=generator)
             ids, logprobs = ids.cpu().numpy(), logprobs.cpu().numpy().astype(np_dtype)
             offset = 0
             for row in chunk:
@@ -181,8 +209,13 @@ def load_teacher_logits(path: str | Path):
     return load_dataset("parquet", data_files=[str(s) for s in shards], split="train")
 
 
-def check_store_compatible(manifest: dict, student, temperature: float) -> None:
-    """The stored distribution must be at the training temperature and index the student's vocabulary."""
+def check_store_compatible(manifest: dict, student, temperature: float, loss_type: str = "forward_kl") -> None:
+    """The stored distribution must be at the training temperature and index the student's vocabulary; a sampled
+    store estimates forward KL only (against its sparse sample every other divergence is a different objective)."""
+    if manifest.get("selection", "top_k") == "sample" and loss_type != "forward_kl":
+        raise ValueError(f"The teacher logits were stored with selection=sample, an estimate of the forward KL only, "
+                         f"but loss_type={loss_type!r}: train with --loss_type forward_kl, or store the top-k "
+                         "(selection=top_k) for other divergences.")
     if abs(manifest["temperature"] - temperature) > 1e-6:
         raise ValueError(f"The teacher logits were stored at temperature {manifest['temperature']} but "
                          f"temperature={temperature}: the top-k tail at another temperature is unknown. Train with "
@@ -253,4 +286,5 @@ def run_store(argv: list[str]) -> Path:
         temperature=args.temperature, vocab_size=vocab, batch_size=args.per_device_eval_batch_size,
         rows_per_shard=store_args.rows_per_shard, logprob_dtype=store_args.logprob_dtype,
         overwrite=store_args.overwrite, meta=meta, device="cpu" if args.use_cpu else None,
+        selection=store_args.selection, seed=args.seed,
     )

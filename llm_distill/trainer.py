@@ -329,7 +329,7 @@ def _offline_kwargs(args: DistillationConfig, kwargs: dict, model) -> dict:
     collate its top-k columns (``TopKCollator``)."""
     from llm_distill.data import DistillationCollator
 
-    check_store_compatible(read_manifest(args.teacher_logits), model, args.temperature)
+    check_store_compatible(read_manifest(args.teacher_logits), model, args.temperature, args.loss_type)
     kwargs = dict(kwargs)
     if kwargs.get("train_dataset") is None:
         kwargs["train_dataset"] = load_teacher_logits(args.teacher_logits)

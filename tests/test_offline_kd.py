@@ -150,3 +150,71 @@ def test_offline_errors(tiny_tokenizer, llama_factory, tmp_path):
     with pytest.raises(FileNotFoundError, match="store_teacher_logits.py"):
         DistillationTrainer(model=llama_factory(seed=2), args=config(tmp_path, teacher_logits=str(tmp_path / "nope")))
     assert len(make(temperature=2.0).train_dataset) == 3
+
+
+def _sampled_rows(logits: torch.Tensor, k: int, seed: int = 0):
+    """``teacher_topk(selection="sample")`` on fixed logits: a stub head path hands them over as the features."""
+    from types import SimpleNamespace
+
+    from llm_distill.teacher_logits import teacher_topk
+
+    n, v = logits.shape
+    batch = {"input_ids": torch.zeros(1, n + 1, dtype=torch.long), "labels": torch.zeros(1, n + 1, dtype=torch.long)}
+    head = lambda model, inputs: SimpleNamespace(features=torch.cat([logits, logits[:1]])[None], weight=None,  # noqa: E731
+                                                 bias=None)
+    return teacher_topk(None, batch, k, 1.0, v, head, selection="sample",
+                        generator=torch.Generator().manual_seed(seed))
+
+
+def test_sampled_store_rows_are_draw_frequencies():
+    """k draws per position: the distinct ids drawn, log(count / k), zero-weight fillers; frequencies -> p."""
+    from llm_distill.teacher_logits import SAMPLE_FILL
+
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0)) * 2
+    ids, logw = _sampled_rows(logits, k=20_000)  # more draws than tokens: every slot is a token, weights sum to 1
+    w = torch.zeros(3, 20).scatter_(1, ids.long(), logw.exp())
+    assert torch.equal(ids.sort(-1).values, torch.arange(20).expand(3, -1).to(ids.dtype))  # each id once
+    p = logits.softmax(-1)
+    sigma = (p * (1 - p) / 20_000).sqrt()
+    assert ((w - p).abs() <= 5 * sigma + 1e-6).all()  # a 5-sigma band per token (60 tokens)
+    ids, logw = _sampled_rows(logits, k=4)  # 4 draws: at most 4 distinct ids with weight, the rest fillers
+    drawn = logw > SAMPLE_FILL / 2
+    assert (drawn.sum(-1) <= 4).all() and torch.allclose(logw.exp().sum(-1), torch.ones(3))
+    assert (logw[drawn].exp() * 4).round().sum() == 12  # the counts of the 3 x 4 draws
+    assert drawn[:, 0].all()  # most frequent first
+
+
+def test_sampled_forward_kl_gradient_is_unbiased_and_top_k_is_not():
+    """The reason to sample: averaged over draws, the stored-sample forward-KL gradient equals the full one
+    (q - p); the top-k + tail bucket gradient with the same k is off by far more than the sampling noise."""
+    logits = torch.randn(1, 24, generator=torch.Generator().manual_seed(1))  # flat-ish, like the embedded teacher
+    student = torch.randn(1, 24, generator=torch.Generator().manual_seed(2))
+    full = student.softmax(-1) - logits.softmax(-1)  # d KL(p || q) / d student logits
+    reps = 4000
+    ids, logw = _sampled_rows(logits.expand(reps, -1), k=6, seed=3)
+    s = student.expand(reps, -1).clone().requires_grad_()
+    topk_divergence(s, ids, logw, "forward_kl").sum().backward()
+    sampled = s.grad.mean(0, keepdim=True)
+    noise = s.grad.std(0) / reps**0.5  # standard error of the mean, per token
+    assert ((sampled - full).abs() <= 5 * noise + 1e-4).all()
+    lp_k, top = F.log_softmax(logits, -1).topk(6, -1)
+    s1 = student.clone().requires_grad_()
+    topk_divergence(s1, top, lp_k, "forward_kl").sum().backward()
+    assert (s1.grad - full).abs().max() > 10 * noise.max()
+
+
+def test_sampled_store_trains_forward_kl_only(tiny_tokenizer, llama_factory, tmp_path):
+    from llm_distill import DistillationTrainer
+
+    rows = token_dataset(tiny_tokenizer, n=3)
+    store = _store(llama_factory(seed=1), tiny_tokenizer, tmp_path / "s", 8, rows, selection="sample", seed=5)
+    again = _store(llama_factory(seed=1), tiny_tokenizer, tmp_path / "again", 8, rows, selection="sample", seed=5)
+    assert json.loads((store / "manifest.json").read_text())["selection"] == "sample"
+    assert load_teacher_logits(store)["topk_ids"] == load_teacher_logits(again)["topk_ids"]  # seeded per shard
+    make = lambda **kw: DistillationTrainer(model=llama_factory(seed=2), processing_class=tiny_tokenizer,  # noqa: E731
+                                            args=config(tmp_path, teacher_logits=str(store), temperature=1.0, **kw))
+    with pytest.raises(ValueError, match="selection=sample, an estimate of the forward KL only"):
+        make(loss_type="reverse_kl")
+    trainer = make(loss_type="forward_kl", max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
