@@ -415,9 +415,7 @@ def _forward_kl_chunk(logits, teacher, targets, temperature: float, kd_scale: fl
     (or ``None``) are fp32; returns ``(kd_sum, ce_sum, grad (c, Vs) or None)``, the gradient already weighted
     (``kd_scale`` = weight / KD denominator, ``ce_scale`` likewise)."""
     logq = F.log_softmax(logits, dim=-1)  # (c, Vs)
-    label_rows = targets != IGNORE_INDEX  # (c,)
-    picked = logq.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)  # (c,)
-    ce = -(picked * label_rows).sum()
+    ce, label_rows = _ce_sum(logq, targets)
     q = logq.exp() if need_grad else None
     kd, q_t, p_t, vocab = logits.new_zeros(()), None, None, logits.shape[-1]
     if teacher is not None:
@@ -440,14 +438,27 @@ def _forward_kl_chunk(logits, teacher, targets, temperature: float, kd_scale: fl
         grad = q.mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs), in place: q is not needed any more
         if teacher is not None:
             grad[:, :vocab].add_(q_t.sub_(p_t), alpha=kd_t)
-    # - ce_scale at each label row's target (0 on KD-only rows): no nonzero(), so no host sync per chunk on a GPU
-    grad.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), (label_rows * -ce_scale).to(grad.dtype).unsqueeze(1))
+    _subtract_onehot(grad, targets, label_rows, ce_scale)
     return kd, ce, grad
 
 
-def _divergence_and_h(logq: torch.Tensor, logp: torch.Tensor, opts: ChunkedLossOptions, need_h: bool):
+def _ce_sum(logq: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of a chunk from the student's log-softmax ``(c, V)``, and the rows that have a label ``(c,)``."""
+    label_rows = targets != IGNORE_INDEX
+    picked = logq.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)  # (c,)
+    return -(picked * label_rows).sum(), label_rows
+
+
+def _subtract_onehot(grad: torch.Tensor, targets: torch.Tensor, label_rows: torch.Tensor, ce_scale: float) -> None:
+    """CE's ``- onehot(target)``: ``- ce_scale`` at each label row's target, 0 on KD-only rows (a scatter, not
+    ``nonzero()``: no host sync per chunk on a GPU)."""
+    grad.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), (label_rows * -ce_scale).to(grad.dtype).unsqueeze(1))
+
+
+def _divergence_and_h(logq: torch.Tensor, q: torch.Tensor | None, logp: torch.Tensor, opts: ChunkedLossOptions):
     """Per-row divergence ``(c,)`` at temperature (before the T^2 factor), as ``token_divergence`` computes it, and
     ``h = q * dL/dq`` ``(c, V)``: through the softmax, ``dL/dz = h - q * sum(h)`` for the scaled logits ``z = s / T``.
+    ``q = exp(logq)`` is passed in when the gradient is wanted (the caller shares it); ``None``: no ``h``.
 
     ``dL/dq`` per divergence (``m`` the mixture; derivations in docs/memory-lean-loss.md):
     reverse KL ``log q - log p (+1)``; JSD ``(1 - beta) (log q - log m)``; skew forward KL ``-(1 - lam) p / m``;
@@ -456,7 +467,7 @@ def _divergence_and_h(logq: torch.Tensor, logp: torch.Tensor, opts: ChunkedLossO
     kind, beta, lam = opts.loss_type, opts.jsd_beta, opts.skew_lambda
     if kind == "jsd" and beta in (0.0, 1.0):  # the endpoints token_divergence maps to the two KLs
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    q, h = logq.exp(), None
+    need_h, h = q is not None, None
     if kind == "forward_kl":
         div = _kl_from_logprobs(logp, logq)
         h = -logp.exp() if need_h else None
@@ -477,7 +488,7 @@ def _divergence_and_h(logq: torch.Tensor, logp: torch.Tensor, opts: ChunkedLossO
         h = q * (logq - logm - lam * (logq - logm).exp()) if need_h else None
     else:  # tvd
         p = logp.exp()
-        div = 0.5 * (p - q).abs().sum(-1)
+        div = 0.5 * (p - (q if need_h else logq.exp())).abs().sum(-1)
         h = 0.5 * q * torch.sign(q - p) if need_h else None
     return div, h
 
@@ -490,22 +501,22 @@ def _divergence_chunk(logits, teacher, targets, opts: ChunkedLossOptions, kd_sca
         return _forward_kl_chunk(logits, teacher, targets, opts.temperature, kd_scale, ce_scale, need_grad)
     temperature = opts.temperature
     logq = F.log_softmax(logits, dim=-1)  # (c, Vs) at T = 1, for CE
-    label_rows = targets != IGNORE_INDEX  # (c,)
-    ce = -(logq.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1) * label_rows).sum()
+    ce, label_rows = _ce_sum(logq, targets)
     vocab = min(logits.shape[-1], teacher.shape[-1])  # padded embedding matrices: the shared ids only
-    shared = temperature == 1.0 and vocab == logits.shape[-1]
+    shared = temperature == 1.0 and vocab == logits.shape[-1]  # one student softmax serves both terms
     logq_t = logq if shared else F.log_softmax(logits[:, :vocab] / temperature, dim=-1)
+    q = logq.exp() if need_grad else None  # (c, Vs), computed once
+    q_t = q if shared or q is None else logq_t.exp()
     t = teacher[:, :vocab]
     logp_t = F.log_softmax(t if temperature == 1.0 else t / temperature, dim=-1)
-    div, h = _divergence_and_h(logq_t, logp_t, opts, need_grad)
+    div, h = _divergence_and_h(logq_t, q_t, logp_t, opts)
     kd = div.sum() * temperature**2
     if not need_grad:
         return kd, ce, None
-    grad = logq.exp().mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs): CE's q part
-    grad.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), (label_rows * -ce_scale).to(grad.dtype).unsqueeze(1))
-    q_t = logq_t.exp()
-    # d/ds [T^2 L(q_T)] = T (h - q_T sum h); weighted by kd_scale
-    grad[:, :vocab].add_(h.sub_(q_t.mul_(h.sum(-1, keepdim=True))), alpha=kd_scale * temperature)
+    kd_grad = h.sub_(q_t * h.sum(-1, keepdim=True))  # d/dz; taken before q is overwritten in place (q_t may be q)
+    grad = q.mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs): CE's q part
+    _subtract_onehot(grad, targets, label_rows, ce_scale)
+    grad[:, :vocab].add_(kd_grad, alpha=kd_scale * temperature)  # d/ds [T^2 L(q_T)] = T (h - q_T sum h)
     return kd, ce, grad
 
 
@@ -554,16 +565,16 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
                 kd, ce = _chunk_objective(logits, teacher, targets[rows], opts, _rows(kd_rows, rows))
                 g = None
             if need_grad and g is not None:
-                    g = g.to(hidden.dtype if weight is None else weight.dtype)  # (c, Vs), as the plain backward casts
-                    if weight is None:
-                        grad_h[rows] = g
-                    else:
-                        if need_h:
-                            grad_h[rows] = g @ weight  # (c, H)
-                        if need_w:
-                            grad_w += (g.t() @ hidden[rows]).float()  # (Vs, H), accumulated in fp32
-                        if need_b:
-                            grad_b += g.float().sum(0)
+                g = g.to(hidden.dtype if weight is None else weight.dtype)  # (c, Vs), as the plain backward casts
+                if weight is None:
+                    grad_h[rows] = g
+                else:
+                    if need_h:
+                        grad_h[rows] = g @ weight  # (c, H)
+                    if need_w:
+                        grad_w += (g.t() @ hidden[rows]).float()  # (Vs, H), accumulated in fp32
+                    if need_b:
+                        grad_b += g.float().sum(0)
             kd_total += kd.detach()
             ce_total += ce.detach()
         ctx.save_for_backward(grad_h, grad_w, grad_b)

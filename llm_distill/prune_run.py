@@ -145,8 +145,8 @@ def run_pruning(argv: list[str]) -> dict:
     set_seed(args.seed)
     start = time.time()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    masked = lm_kind(args.model) == "masked"  # BERT / DistilBERT: masked tokens score heads and perplexity
     model = load_lm(args.model, args.dtype)
+    masked = lm_kind(model.config) == "masked"  # BERT / DistilBERT: masked tokens score heads and perplexity
     standard = args.uniform and args.standard_config
     if args.plan:
         plan = PruningPlan.from_dict(json.loads(Path(args.plan).read_text()))

@@ -191,13 +191,13 @@ class DistillationTrainer(Trainer):
         of the cosine / MSE terms, so that they too are exact token means under gradient accumulation and DDP."""
         if self.args.kd_positions == "labels" and not self.loss_weights.uses_hidden:
             return None
-        counts = torch.zeros(2, dtype=torch.long)
-        for batch in batch_samples:
+        kd_positions = hidden_positions = 0
+        for batch in batch_samples:  # tensor sums: no host sync per micro-batch
             mask = batch.get("attention_mask")
             mask = torch.ones_like(batch["labels"]) if mask is None else mask
-            counts[0] += (mask[..., 1:] if self._shift_labels else mask).sum().item()  # labels' frame
-            counts[1] += mask.sum().item()
-        counts = counts.to(device)
+            kd_positions = kd_positions + (mask[..., 1:] if self._shift_labels else mask).sum()  # labels' frame
+            hidden_positions = hidden_positions + mask.sum()
+        counts = torch.stack([torch.as_tensor(kd_positions), torch.as_tensor(hidden_positions)]).long().to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)  # (world, 2) -> (2,)
         return counts

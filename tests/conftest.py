@@ -37,6 +37,21 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     return tok
 
 
+def miniature_recipe(teacher_steps: int = 3, teacher_layers: int = 2):
+    """The embedded default's recipe shrunk to seconds: a 300-token BPE, 32-token blocks, a 16-wide teacher and an
+    8-wide student (for tests of the real build path)."""
+    from dataclasses import replace
+
+    from llm_distill import tiny
+
+    return replace(tiny.TinyRecipe(), vocab_size=300, tokenizer_train_chars=200_000, seq_len=32,
+                   teacher_steps=teacher_steps, teacher_batch_size=2,
+                   teacher=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=teacher_layers,
+                                num_attention_heads=2, num_key_value_heads=1),
+                   student=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=1))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

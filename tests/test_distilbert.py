@@ -15,7 +15,7 @@ from llm_distill.losses import IGNORE_INDEX
 from llm_distill.models import student_from_teacher
 from llm_distill.run import run_distillation
 
-from conftest import _corpus_texts, write_jsonl
+from conftest import _corpus_texts, miniature_recipe, write_jsonl
 
 
 def make_bert(tokenizer, seed=0, layers=4):
@@ -144,11 +144,7 @@ def test_embedded_mlm_teacher_builder_is_deterministic_and_reloadable(tmp_path, 
     from llm_distill.tiny_mlm import TinyMLMRecipe, build_mlm_teacher, mlm_dir
 
     monkeypatch.setenv("LLM_DISTILL_CACHE", str(tmp_path / "cache"))
-    base = replace(tiny.TinyRecipe(), vocab_size=300, tokenizer_train_chars=200_000, seq_len=32, teacher_steps=1,
-                   teacher_batch_size=2, teacher=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                      num_attention_heads=2, num_key_value_heads=1),
-                   student=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=1))
+    base = miniature_recipe(teacher_steps=1, teacher_layers=1)
     recipe = replace(TinyMLMRecipe(), train_chars=50_000, seq_len=32, steps=3, batch_size=2,
                      teacher=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
     path = build_mlm_teacher(base, recipe)

@@ -1,7 +1,6 @@
 """The main job end to end on tiny saved models, and the embedded-default builder on a miniature recipe."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from llm_distill import tiny
 from llm_distill.run import run_distillation
+
+from conftest import miniature_recipe
 
 
 def common_args(paths, out, *extra):
@@ -53,11 +54,7 @@ def test_bad_row_fails_before_training(saved_pair, tmp_path):
 def test_embedded_builder_is_deterministic_and_reloadable(tmp_path, monkeypatch):
     """A miniature recipe through the real build path: corpus split, BPE, pretraining, save, reload."""
     monkeypatch.setenv("LLM_DISTILL_CACHE", str(tmp_path / "cache"))
-    recipe = replace(tiny.TinyRecipe(), vocab_size=300, tokenizer_train_chars=200_000, seq_len=32, teacher_steps=3,
-                     teacher_batch_size=2, teacher=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                        num_attention_heads=2, num_key_value_heads=1),
-                     student=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  num_key_value_heads=1))
+    recipe = miniature_recipe(teacher_steps=3, teacher_layers=2)
     root = tiny.build(recipe)
     info = json.loads((root / "build_info.json").read_text())
     assert info["files"]["heldout"] > 0 and info["files"]["train"] > 10 * info["files"]["heldout"]
