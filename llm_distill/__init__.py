@@ -1,11 +1,17 @@
-"""llm-distill: make a large Hugging Face language model's knowledge usable in a small, fast one."""
+"""llm-distill: make a large Hugging Face language model's knowledge usable in a small, fast one.
 
-from llm_distill.cli import ConfigError, parse_args_and_config
-from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
+The public API. The package is laid out as building blocks (losses/, trainer, data, models, student_init,
+offline_kd, pruning, importance, evaluation, speculative, generation/, distributed, launch), the embedded offline
+default (embedded/) and the jobs users run (jobs/: distill, generate, prune, store_logits, distillspec,
+bench_speculative), each also a verb of the ``llm-distill`` console command (``llm_distill.console``).
+"""
+
+from llm_distill.config import ConfigError, DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
 from llm_distill.data import DataValidationError, DistillationCollator, load_rows, prepare_dataset
 from llm_distill.distributed import prepare_teacher
 from llm_distill.evaluation import evaluate_models
-from llm_distill.generation import GenerateArguments, run_generation
+from llm_distill.generation import GenerateArguments
+from llm_distill.jobs.generate import run_generation
 from llm_distill.losses import (
     LOSS_TYPES,
     DistillationLossOutput,
@@ -17,13 +23,8 @@ from llm_distill.losses import (
     topk_divergence,
     triple_loss,
 )
-from llm_distill.models import (
-    VocabularyMismatchError,
-    check_tokenizers_compatible,
-    check_vocab_compatible,
-    select_teacher_layers,
-    student_from_teacher,
-)
+from llm_distill.models import VocabularyMismatchError, check_tokenizers_compatible, check_vocab_compatible
+from llm_distill.student_init import select_teacher_layers, student_from_teacher
 from llm_distill.importance import activation_importance, block_influence, build_plan, gradient_importance
 from llm_distill.pruning import (
     PruningPlan,
@@ -44,7 +45,7 @@ from llm_distill.speculative import (
     expected_speedup,
     optimal_gamma,
 )
-from llm_distill.teacher_logits import TopKCollator, load_teacher_logits, store_teacher_logits
+from llm_distill.offline_kd import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
 
 __version__ = "0.1.0"

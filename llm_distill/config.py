@@ -1,27 +1,32 @@
-"""Run configuration: one ``TrainingArguments`` subclass for the trainer, plain dataclasses for the rest.
+"""Run configuration: the arguments dataclasses, and their parsing from YAML + command line.
 
-Every field carries ``help`` (it is the ``--help`` text and the YAML reference) and the range checks in
-``__post_init__`` name the field and the accepted values, so a typo fails before any model is loaded.
+One ``TrainingArguments`` subclass for the trainer, plain dataclasses for the rest. Every field carries ``help``
+(it is the ``--help`` text and the YAML reference) and the range checks in ``__post_init__`` name the field and
+the accepted values, so a typo fails before any model is loaded.
+
+Parsing follows TRL's ``TrlParser.parse_args_and_config``: ``--config file.yaml`` sets defaults, the command line
+overrides them, and a key that no dataclass knows fails with the closest valid names, because a silently ignored
+typo (``temprature: 4``) is the worst kind of bug in a config.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from transformers import TrainingArguments
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
-from llm_distill.losses import LOSS_TYPES, LossWeights
+from llm_distill.checks import DTYPES, check_field
+from llm_distill.losses import LOSS_TYPES, Divergence, LossWeights
 
 STUDENT_INITS = ("pretrained", "teacher_layers", "fresh")
 KD_POSITIONS = ("labels", "all")
 TRIPLE_WEIGHTS = ("alpha_kd", "alpha_mlm", "alpha_clm", "alpha_cos", "alpha_mse")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _check(condition: bool, name: str, value, expected: str) -> None:
-    if not condition:
-        raise ValueError(f"{name}={value!r} is invalid: expected {expected}.")
 
 
 @dataclass
@@ -109,12 +114,9 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        _check(self.temperature > 0, "temperature", self.temperature, "a number > 0 (e.g. 1.0 or 2.0)")
-        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
-        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
-        _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "a number in [0, 1]")
-        _check(0.0 <= self.skew_lambda < 1.0, "skew_lambda", self.skew_lambda, "a number in [0, 1)")
-        _check(self.loss_chunk_size >= 0, "loss_chunk_size", self.loss_chunk_size,
+        self.divergence  # noqa: B018 - builds the settings, which check loss_type / temperature / jsd_beta / skew_lambda
+        check_field(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
+        check_field(self.loss_chunk_size >= 0, "loss_chunk_size", self.loss_chunk_size,
                "an integer >= 0 (e.g. 1024; 0 = plain full-logits path)")
         self._check_triple_loss()
         super().__post_init__()
@@ -122,7 +124,7 @@ class DistillationConfig(TrainingArguments):
     def _check_triple_loss(self) -> None:
         for name in TRIPLE_WEIGHTS:
             value = getattr(self, name)
-            _check(value is None or (math.isfinite(value) and value >= 0.0), name, value,
+            check_field(value is None or (math.isfinite(value) and value >= 0.0), name, value,
                    "a number >= 0, or null (unset)")
         if self.alpha_mlm is not None and self.alpha_clm is not None:
             raise ValueError(f"alpha_mlm={self.alpha_mlm} and alpha_clm={self.alpha_clm} are both set: they are the "
@@ -131,8 +133,8 @@ class DistillationConfig(TrainingArguments):
         if self.uses_explicit_weights() and weights.kd + weights.ce + weights.cos + weights.mse == 0.0:
             raise ValueError("alpha_kd, alpha_mlm/alpha_clm, alpha_cos and alpha_mse are all 0: nothing to train on. "
                              "Set at least one > 0 (DistilBERT: alpha_kd 5.0, alpha_mlm 2.0, alpha_cos 1.0).")
-        _check(self.kd_positions in KD_POSITIONS, "kd_positions", self.kd_positions, f"one of {', '.join(KD_POSITIONS)}")
-        _check(0.0 < self.mlm_probability < 1.0, "mlm_probability", self.mlm_probability, "a number in (0, 1)")
+        check_field(self.kd_positions in KD_POSITIONS, "kd_positions", self.kd_positions, f"one of {', '.join(KD_POSITIONS)}")
+        check_field(0.0 < self.mlm_probability < 1.0, "mlm_probability", self.mlm_probability, "a number in (0, 1)")
         if self.teacher_logits and weights.uses_hidden:
             raise ValueError(f"alpha_cos / alpha_mse need the teacher's hidden states, but teacher_logits="
                              f"{self.teacher_logits!r} (offline KD) loads no teacher: unset alpha_cos / alpha_mse, or "
@@ -140,6 +142,11 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_logits and self.kd_positions != "labels":
             raise ValueError("kd_positions=all needs a live teacher: stored teacher logits cover the label positions "
                              "only. Use kd_positions=labels with teacher_logits.")
+
+    @property
+    def divergence(self) -> Divergence:
+        """The KD divergence settings as the one object the losses take (validated when it is built)."""
+        return Divergence(self.loss_type, self.temperature, self.jsd_beta, self.skew_lambda)
 
     def uses_explicit_weights(self) -> bool:
         """True when alpha_kd / alpha_mlm / alpha_clm set the KD and CE weights (``alpha`` is then ignored)."""
@@ -223,19 +230,19 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        _check(self.student_init in STUDENT_INITS, "student_init", self.student_init, f"one of {', '.join(STUDENT_INITS)}")
-        _check(self.student_layer_strategy in ("linspace", "every_other"), "student_layer_strategy",
+        check_field(self.student_init in STUDENT_INITS, "student_init", self.student_init, f"one of {', '.join(STUDENT_INITS)}")
+        check_field(self.student_layer_strategy in ("linspace", "every_other"), "student_layer_strategy",
                self.student_layer_strategy, "linspace or every_other")
         for name in ("teacher_dtype", "student_dtype"):
-            _check(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {', '.join(DTYPES)}")
+            check_field(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {', '.join(DTYPES)}")
         if self.student_init != "teacher_layers" and not self.student_model:
             raise ValueError(f"student_model is required with student_init={self.student_init}; "
                              "set it, or use student_init=teacher_layers to build the student from the teacher.")
-        _check(self.student_num_layers is None or self.student_num_layers >= 1, "student_num_layers",
+        check_field(self.student_num_layers is None or self.student_num_layers >= 1, "student_num_layers",
                self.student_num_layers, "an integer >= 1")
         if self.student_layers is not None:
             layers = self.student_layers
-            _check(len(layers) >= 1 and all(b > a for a, b in zip(layers, layers[1:])) and layers[0] >= 0,
+            check_field(len(layers) >= 1 and all(b > a for a, b in zip(layers, layers[1:])) and layers[0] >= 0,
                    "student_layers", layers, "a non-empty list of increasing teacher layer indices >= 0, e.g. [0, 2]")
             if self.student_init != "teacher_layers":
                 raise ValueError(f"student_layers={layers} only applies to student_init=teacher_layers (got "
@@ -243,7 +250,7 @@ class ModelArguments:
             if self.student_num_layers not in (None, len(layers)):
                 raise ValueError(f"student_num_layers={self.student_num_layers} disagrees with student_layers={layers} "
                                  f"({len(layers)} layers): set only student_layers.")
-        _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
+        check_field(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
 
 
 @dataclass
@@ -283,7 +290,91 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation sequences."})
 
     def __post_init__(self):
-        _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        check_field(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, name, value, "an integer >= 1 (or null for all)")
+            check_field(value is None or value >= 1, name, value, "an integer >= 1 (or null for all)")
+
+
+# ------------------------------------------------------------------------------------ YAML + CLI
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used as given."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist (pass --config path/to/file.yaml).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of field: value, got {type(data).__name__}.")
+    return data
+
+
+def check_known_keys(data: dict, dataclass_types, source: str) -> None:
+    known = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=3)
+            hints.append(f"'{key}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}. Run the script with --help for every field.")
+
+
+def make_parser(dataclass_types) -> HfArgumentParser:
+    """``HfArgumentParser`` whose ``--help`` works with any help text: argparse %-formats help strings, so a literal
+    ``%`` (``"80% <mask>"``) would crash ``--help``; it is escaped here (``%(default)s``-style fields are kept)."""
+    parser = HfArgumentParser(dataclass_types)
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
+    return parser
+
+
+def parse_args_and_config(dataclass_types, argv: list[str] | None = None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into one instance per dataclass type.
+
+    Returns a tuple in the order of ``dataclass_types``. ``--config`` may appear anywhere in ``argv``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(dataclass_types)
+    parser.add_argument("--config", type=str, default=None, help="YAML file with default values for any field.")
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a path to a YAML file.")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    else:
+        for i, arg in enumerate(argv):
+            if arg.startswith("--config="):
+                config_path = arg.split("=", 1)[1]
+                del argv[i]
+                break
+    if config_path:
+        data = load_yaml(config_path)
+        check_known_keys(data, dataclass_types, config_path)
+        parser.set_defaults(**data)
+    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *instances, remaining = outputs
+    remaining = [r for r in remaining if r]
+    if remaining:
+        raise ConfigError(f"Unknown command-line argument(s): {' '.join(remaining)}. Run with --help for every field.")
+    # Drop the namespace entry for --config (HfArgumentParser returns it as an extra namespace when present).
+    instances = [inst for inst in instances if type(inst) in dataclass_types]
+    return tuple(instances)
+
+
+def config_from_dict(dataclass_types, values: dict, base: str | Path | None = None):
+    """Typed dataclasses from ``values`` on top of an optional YAML ``base``, with the same unknown-key check as the
+    command line: how one job configures another (no argv strings in between)."""
+    data = {**(load_yaml(base) if base else {}), **values}
+    check_known_keys(data, dataclass_types, f"{base or 'config'}")
+    return tuple(HfArgumentParser(dataclass_types).parse_dict(data))

@@ -24,7 +24,6 @@ import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from transformers import DataCollatorForLanguageModeling
 
-from llm_distill import tiny
 from llm_distill.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ def load_rows(source: str, split: str = "train", config_name: str | None = None,
     Returns ``(dataset, format)``.
     """
     fields = fields or Fields()
-    path = Path(tiny.resolve(source))
+    path = Path(source)
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise DataValidationError(f"Data file {path} does not exist.")

@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from llm_distill.models import keep_layers_in_config, renumber_layer_idx
+from llm_distill.layers import keep_layers_in_config, renumber_layer_idx
 
 logger = logging.getLogger(__name__)
 

@@ -240,6 +240,34 @@ class _Batch:
         return True
 
 
+@dataclass
+class _GammaState:
+    """The adaptive-gamma estimates carried from step to step."""
+
+    gamma: int
+    alpha: float
+    cost: float | None
+
+
+def check_gamma(gamma: int, allow_zero: bool = False) -> None:
+    """The one rule for ``gamma`` (draft tokens per step): >= 1, or 0 where target-only decoding is meant."""
+    if gamma < (0 if allow_zero else 1):
+        raise ValueError(f"gamma={gamma} is invalid: expected an integer >= 1 draft tokens per step"
+                         + (" (or 0 for target-only decoding)." if allow_zero else "."))
+
+
+def _check_generate_args(max_new_tokens: int, gamma: int, do_sample: bool, temperature: float, top_k: int,
+                         top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected an integer >= 1.")
+    check_gamma(gamma, allow_zero=True)
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature} is invalid with do_sample=True: expected > 0 "
+                         "(use do_sample=False for greedy decoding).")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_k={top_k} / top_p={top_p} are invalid: expected top_k >= 0 and 0 < top_p <= 1.")
+
+
 class SpeculativeDecoder:
     """Lossless speculative decoding of ``target`` with a small ``draft`` that shares its vocabulary.
 
@@ -264,8 +292,7 @@ class SpeculativeDecoder:
 
     def __init__(self, target, draft, tokenizer=None, *, gamma: int = 4, adaptive_gamma: bool = False,
                  max_gamma: int = 16, cost_ratio: float | None = None, compact_threshold: int = 32):
-        if gamma < 1:
-            raise ValueError(f"gamma={gamma} is invalid: expected an integer >= 1 draft tokens per step.")
+        check_gamma(gamma)
         if max_gamma < gamma and adaptive_gamma:
             raise ValueError(f"max_gamma={max_gamma} is smaller than gamma={gamma}; raise max_gamma.")
         if cost_ratio is not None and cost_ratio <= 0:
@@ -335,129 +362,142 @@ class SpeculativeDecoder:
         distribution after ``temperature`` / ``top_k`` / ``top_p``.
         """
         gamma = self.gamma if gamma is None else gamma
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected an integer >= 1.")
-        if gamma < 0:
-            raise ValueError(f"gamma={gamma} is invalid: expected >= 1 (or 0 for target-only decoding).")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature={temperature} is invalid with do_sample=True: expected > 0 "
-                             "(use do_sample=False for greedy decoding).")
-        if top_k < 0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_k={top_k} / top_p={top_p} are invalid: expected top_k >= 0 and 0 < top_p <= 1.")
+        _check_generate_args(max_new_tokens, gamma, do_sample, temperature, top_k, top_p)
         eos = self._eos_ids(eos_token_id)
         pad_token_id = self._pad_id(pad_token_id, eos)
         prompts, input_ids = self._prepare(input_ids, attention_mask, pad_token_id)
-        device = next(self.target.parameters()).device
-        n_rows = len(prompts)
-        stats = SpeculativeStats(gamma=gamma, batch_size=n_rows)
+        stats = SpeculativeStats(gamma=gamma, batch_size=len(prompts))
         start_time = time.perf_counter()
-
-        # 0. Layout: prompts left-padded into shared columns; the last column stays pending (fed with the drafts).
-        width = max(len(p) for p in prompts)
-        tokens = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
-        batch = _Batch(tokens, valid, torch.arange(n_rows, device=device),
-                       torch.full((n_rows,), max_new_tokens, device=device),
-                       _new_cache(self.target), _new_cache(self.draft))
-        generated: list[list[int]] = [[] for _ in range(n_rows)]
-        if width > 1:
-            t0 = time.perf_counter()
-            self._forward(self.target, batch.target_cache, batch, 0, width - 1)
-            if gamma > 0:
-                self._forward(self.draft, batch.draft_cache, batch, 0, width - 1)
-                batch.draft_len = width - 1
-            batch.target_len = width - 1
-            stats.prefill_time_s = time.perf_counter() - t0
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        alpha_ema, cost_ema = 0.7, self.fixed_cost_ratio
-        current_gamma = gamma
-
+        batch = self._prefill(prompts, pad_token_id, max_new_tokens, gamma > 0, stats)  # 0. layout + prompts
+        generated: list[list[int]] = [[] for _ in prompts]
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else None
+        adapt = _GammaState(gamma, alpha=0.7, cost=self.fixed_cost_ratio)
         while batch.rows.numel():
             # No point drafting past what the row with the most room left can still emit (bonus included).
-            g = min(current_gamma, int(batch.remaining.max()) - 1) if gamma > 0 else 0
+            g = min(adapt.gamma, int(batch.remaining.max()) - 1) if gamma > 0 else 0
             n_batch = batch.rows.numel()
-
-            # 1. Draft g tokens autoregressively; the draft's cache catches up on every pending column first.
-            q_probs = []
+            q_probs, draft_time = self._draft(batch, g, sampling, generator, stats)            # 1. draft
             t0 = time.perf_counter()
-            for _ in range(g):
-                logits = self._forward(self.draft, batch.draft_cache, batch, batch.draft_len, batch.width)[:, -1]
-                batch.draft_len = batch.width
-                if do_sample:
-                    q = logits_to_probs(logits, **sampling)  # (B, V)
-                    q_probs.append(q)
-                    batch.append(self._sample(q, generator))
-                else:
-                    batch.append(logits.argmax(-1))
-            draft_time = time.perf_counter() - t0
-            stats.draft_time_s += draft_time
-            stats.draft_calls += g
-
-            # 2. Verify: one target call over its pending column(s) + the g drafts -> p_1 .. p_{g+1}.
-            t0 = time.perf_counter()
-            logits = self._forward(self.target, batch.target_cache, batch, batch.target_len, batch.width)
-            batch.target_len = batch.width
-            p_logits = logits[:, -(g + 1):]  # (B, g+1, V): p_logits[:, i] scores the token in column W-g+i
-            drafts = batch.tokens[:, batch.width - g:]  # (B, g)
-
-            # 3. Accept or reject each draft; n[b] = accepted prefix length; next_tok = correction or bonus.
-            if do_sample:
-                p = logits_to_probs(p_logits, **sampling)  # (B, g+1, V)
-                if g:
-                    q = torch.stack(q_probs, 1)  # (B, g, V)
-                    p_d = p[:, :g].gather(-1, drafts[..., None]).squeeze(-1)
-                    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
-                    u = torch.rand(p_d.shape, generator=generator, device=p_d.device)
-                    accept = self._accept_sampling(p_d, q_d, u)
-                    residual = (p[:, :g] - q).clamp_min(0)  # norm(max(0, p - q)) at a rejected position
-                    mass = residual.sum(-1, keepdim=True)
-                    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p[:, :g])
-                    dist = torch.cat([residual, p[:, g:]], 1)  # (B, g+1, V); the last entry is the bonus p_{g+1}
-                else:
-                    accept = torch.zeros(n_batch, 0, dtype=torch.bool, device=p.device)
-                    dist = p
-                n = accept.long().cumprod(1).sum(1)  # (B,)
-                next_tok = self._sample(dist[torch.arange(n_batch, device=dist.device), n], generator)
-            else:
-                target_tok = p_logits.argmax(-1)  # (B, g+1)
-                accept = drafts == target_tok[:, :g]
-                n = accept.long().cumprod(1).sum(1)
-                next_tok = target_tok.gather(1, n[:, None]).squeeze(1)
+            p_logits, drafts = self._verify(batch, g)                                           # 2. verify
+            n, next_tok = self._accept(p_logits, drafts, q_probs, sampling, generator)          # 3. accept
             verify_time = time.perf_counter() - t0
             stats.target_time_s += verify_time
             stats.target_calls += 1
-
-            # 4. Roll back: rejected drafts become holes; columns no row accepted leave both caches.
-            if g:
-                batch.valid[:, batch.width - g:] &= torch.arange(g, device=n.device) < n[:, None]
-                keep = batch.width - g + int(n.max())
-                batch.tokens, batch.valid = batch.tokens[:, :keep], batch.valid[:, :keep]
-                _crop(batch.target_cache, batch.target_len, keep)
-                _crop(batch.draft_cache, batch.draft_len, keep)
-                batch.target_len, batch.draft_len = keep, min(batch.draft_len, keep)
-            batch.append(next_tok)  # pending for both models: fed with the next drafts
-
-            # 5. Statistics and per-row output, cut at EOS and at max_new_tokens.
-            self._record(stats, g, n, n_batch)
+            self._roll_back(batch, g, n, next_tok)                                              # 4. roll back
+            self._record(stats, g, n, n_batch)                                                  # 5. emit
             finished = self._emit(batch, drafts, n, next_tok, generated, eos)
             if finished.any():
                 batch.select((~finished).nonzero().squeeze(1))
             if batch.rows.numel() and batch.width - int(batch.valid.sum(1).max()) >= self.compact_threshold:
                 stats.compactions += int(batch.compact())
-
-            # 6. Adaptive gamma: maximise Leviathan's expected speedup for the running alpha and cost ratio.
-            if self.adaptive_gamma and g:
-                judged = n.sum().item() + (n < g).sum().item()
-                alpha_ema = 0.8 * alpha_ema + 0.2 * (n.sum().item() / max(judged, 1))
-                if self.fixed_cost_ratio is None:
-                    c = (draft_time / g) / max(verify_time, 1e-9)
-                    cost_ema = c if cost_ema is None else 0.8 * cost_ema + 0.2 * c
-                current_gamma = optimal_gamma(alpha_ema, cost_ema, self.max_gamma)
-
+            if self.adaptive_gamma and g:                                                       # 6. adapt gamma
+                self._adapt_gamma(adapt, g, n, draft_time, verify_time)
         stats.wall_time_s = time.perf_counter() - start_time
+        return self._output(input_ids, generated, pad_token_id, stats)
+
+    # ------------------------------------------------------------------------------------------- the steps
+
+    def _prefill(self, prompts: list[list[int]], pad_token_id: int, max_new_tokens: int, use_draft: bool,
+                 stats: SpeculativeStats) -> _Batch:
+        """0. Prompts left-padded into shared columns; every column but the last goes into both caches (the last
+        stays pending: it is fed with the first drafts)."""
+        device = next(self.target.parameters()).device
+        n_rows, width = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+        batch = _Batch(tokens, valid, torch.arange(n_rows, device=device),
+                       torch.full((n_rows,), max_new_tokens, device=device),
+                       _new_cache(self.target), _new_cache(self.draft))
+        if width > 1:
+            t0 = time.perf_counter()
+            self._forward(self.target, batch.target_cache, batch, 0, width - 1)
+            if use_draft:
+                self._forward(self.draft, batch.draft_cache, batch, 0, width - 1)
+                batch.draft_len = width - 1
+            batch.target_len = width - 1
+            stats.prefill_time_s = time.perf_counter() - t0
+        return batch
+
+    def _draft(self, batch: _Batch, g: int, sampling: dict | None, generator, stats: SpeculativeStats):
+        """1. Draft ``g`` tokens autoregressively; the draft's cache catches up on every pending column first.
+        Returns the draft's distributions ``q`` (sampling only) and the time it took."""
+        q_probs = []
+        t0 = time.perf_counter()
+        for _ in range(g):
+            logits = self._forward(self.draft, batch.draft_cache, batch, batch.draft_len, batch.width)[:, -1]
+            batch.draft_len = batch.width
+            if sampling is not None:
+                q = logits_to_probs(logits, **sampling)  # (B, V)
+                q_probs.append(q)
+                batch.append(self._sample(q, generator))
+            else:
+                batch.append(logits.argmax(-1))
+        draft_time = time.perf_counter() - t0
+        stats.draft_time_s += draft_time
+        stats.draft_calls += g
+        return q_probs, draft_time
+
+    def _verify(self, batch: _Batch, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """2. One target call over its pending column(s) + the ``g`` drafts -> ``p_1 .. p_{g+1}`` ``(B, g+1, V)``
+        (``p_logits[:, i]`` scores the token in column ``W-g+i``) and the drafts ``(B, g)``."""
+        logits = self._forward(self.target, batch.target_cache, batch, batch.target_len, batch.width)
+        batch.target_len = batch.width
+        return logits[:, -(g + 1):], batch.tokens[:, batch.width - g:]
+
+    def _accept(self, p_logits: torch.Tensor, drafts: torch.Tensor, q_probs: list, sampling: dict | None,
+                generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """3. Accept or reject each draft: ``n[b]`` = the accepted prefix length, ``next_tok[b]`` = the correction
+        (sampled from ``norm(max(0, p - q))`` at the first rejection) or the bonus token ``~ p_{g+1}``."""
+        g, n_batch = drafts.shape[1], drafts.shape[0]
+        if sampling is None:  # greedy: a draft is accepted iff it is the target's argmax
+            target_tok = p_logits.argmax(-1)  # (B, g+1)
+            n = (drafts == target_tok[:, :g]).long().cumprod(1).sum(1)  # (B,)
+            return n, target_tok.gather(1, n[:, None]).squeeze(1)
+        p = logits_to_probs(p_logits, **sampling)  # (B, g+1, V)
+        if g:
+            q = torch.stack(q_probs, 1)  # (B, g, V)
+            p_d = p[:, :g].gather(-1, drafts[..., None]).squeeze(-1)
+            q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+            u = torch.rand(p_d.shape, generator=generator, device=p_d.device)
+            accept = self._accept_sampling(p_d, q_d, u)
+            residual = (p[:, :g] - q).clamp_min(0)  # norm(max(0, p - q)) at a rejected position
+            mass = residual.sum(-1, keepdim=True)
+            residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p[:, :g])
+            dist = torch.cat([residual, p[:, g:]], 1)  # (B, g+1, V); the last entry is the bonus p_{g+1}
+        else:
+            accept = torch.zeros(n_batch, 0, dtype=torch.bool, device=p.device)
+            dist = p
+        n = accept.long().cumprod(1).sum(1)  # (B,)
+        return n, self._sample(dist[torch.arange(n_batch, device=dist.device), n], generator)
+
+    @staticmethod
+    def _roll_back(batch: _Batch, g: int, n: torch.Tensor, next_tok: torch.Tensor) -> None:
+        """4. Rejected drafts become holes; columns no row accepted leave both caches; ``next_tok`` is appended as
+        the new pending column of both models."""
+        if g:
+            batch.valid[:, batch.width - g:] &= torch.arange(g, device=n.device) < n[:, None]
+            keep = batch.width - g + int(n.max())
+            batch.tokens, batch.valid = batch.tokens[:, :keep], batch.valid[:, :keep]
+            _crop(batch.target_cache, batch.target_len, keep)
+            _crop(batch.draft_cache, batch.draft_len, keep)
+            batch.target_len, batch.draft_len = keep, min(batch.draft_len, keep)
+        batch.append(next_tok)  # pending for both models: fed with the next drafts
+
+    def _adapt_gamma(self, state: _GammaState, g: int, n: torch.Tensor, draft_time: float, verify_time: float):
+        """6. Maximise Leviathan's expected speedup for the running acceptance rate and draft/target cost ratio."""
+        judged = n.sum().item() + (n < g).sum().item()
+        state.alpha = 0.8 * state.alpha + 0.2 * (n.sum().item() / max(judged, 1))
+        if self.fixed_cost_ratio is None:
+            c = (draft_time / g) / max(verify_time, 1e-9)
+            state.cost = c if state.cost is None else 0.8 * state.cost + 0.2 * c
+        state.gamma = optimal_gamma(state.alpha, state.cost, self.max_gamma)
+
+    @staticmethod
+    def _output(input_ids: torch.Tensor, generated: list[list[int]], pad_token_id: int,
+                stats: SpeculativeStats) -> SpeculativeOutput:
         stats.new_tokens = sum(len(g) for g in generated)
         longest = max(len(g) for g in generated)
-        new = torch.full((n_rows, longest), pad_token_id, dtype=input_ids.dtype)
+        new = torch.full((len(generated), longest), pad_token_id, dtype=input_ids.dtype)
         for i, g in enumerate(generated):
             new[i, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
         return SpeculativeOutput(torch.cat([input_ids.cpu(), new], 1), generated, stats)

@@ -23,10 +23,12 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm_distill.config import DistillationConfig
-from llm_distill.lm_head import LMHeadPath
+from llm_distill.data import DistillationCollator
+from llm_distill.distributed import prepare_teacher
+from llm_distill.head_features import LMHeadPath
 from llm_distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_loss, with_hidden_terms
 from llm_distill.models import check_vocab_compatible, load_lm
-from llm_distill.teacher_logits import (
+from llm_distill.offline_kd import (
     TOPK_COLUMNS,
     TopKCollator,
     check_store_compatible,
@@ -82,13 +84,14 @@ class DistillationTrainer(Trainer):
         # Trainer already inspected the model's loss: causal LMs shift labels, masked LMs do not.
         self._shift_labels = bool(self._loss_shifts_labels)
         self.loss_weights = args.loss_weights()
+        self.divergence = args.divergence  # loss type, temperature, JSD beta, skew lambda: one validated object
         self._check_label_weight_name()
         # Student hidden -> teacher hidden, learned, when the triple loss compares hidden states of different widths.
         self.hidden_projection, self._projection = self._make_projection(model, teacher_model)
         # Denominators of the terms not normalised by the label count, per optimiser step (get_batch_samples).
         self._position_counts = None
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        # Fused lm_head path or logits fallback, decided per model on the first batch (llm_distill.lm_head).
+        # Fused lm_head path or logits fallback, decided per model on the first batch (llm_distill.head_features).
         self._lm_head_paths = {"student": LMHeadPath("student"), "teacher": LMHeadPath("teacher")}
         # Each loss term accumulated since the last log (detached; reduced across ranks at log time).
         self._term_sums = {"train": {}, "eval": {}}
@@ -105,8 +108,6 @@ class DistillationTrainer(Trainer):
         """Frozen, eval mode, on the student's device / backend: replicated without a DDP wrapper under DDP,
         sharded with ``fully_shard`` under FSDP2 and by a DeepSpeed inference engine under ZeRO-3, with the
         student's mixed precision (see ``llm_distill.distributed``)."""
-        from llm_distill.distributed import prepare_teacher
-
         return prepare_teacher(teacher, self.accelerator)
 
     # ------------------------------------------------------------------ loss
@@ -124,8 +125,7 @@ class DistillationTrainer(Trainer):
         kd_kwargs = dict(kd_mask=attention_mask if args.kd_positions == "all" else None,
                          num_kd_items=counts[0] if counts is not None else None,
                          num_items_in_batch=num_items_in_batch, shift_labels=self._shift_labels,
-                         loss_type=args.loss_type, temperature=args.temperature, jsd_beta=args.jsd_beta,
-                         skew_lambda=args.skew_lambda)
+                         divergence=self.divergence)
         # Memory-lean path (default): chunked fp32 loss from final hidden states + lm_head, never the B x S x V
         # logits; offline KD (stored top-k teacher logits) always takes it. return_outputs callers want logits.
         if (args.loss_chunk_size > 0 or TOPK_COLUMNS[0] in inputs) and not return_outputs:
@@ -161,7 +161,7 @@ class DistillationTrainer(Trainer):
 
     def _memory_lean_loss(self, model, model_inputs, inputs, kd_kwargs):
         """``chunked_distillation_loss`` from the student's (and teacher's) final hidden states + lm_head weight,
-        or from stored top-k teacher log-probabilities (offline KD); see ``llm_distill.lm_head`` for the fallback."""
+        or from stored top-k teacher log-probabilities (offline KD); see ``llm_distill.head_features`` for the fallback."""
         need_hidden = self.loss_weights.uses_hidden
         student = self._lm_head_paths["student"](model, model_inputs, need_hidden)  # through the DDP wrapper
         teacher = None
@@ -327,8 +327,6 @@ def _last_hidden(outputs) -> torch.Tensor | None:
 def _offline_kwargs(args: DistillationConfig, kwargs: dict, model) -> dict:
     """Offline KD: check the store against the student, train on its rows unless ``train_dataset`` is given, and
     collate its top-k columns (``TopKCollator``)."""
-    from llm_distill.data import DistillationCollator
-
     check_store_compatible(read_manifest(args.teacher_logits), model, args.temperature, args.loss_type)
     kwargs = dict(kwargs)
     if kwargs.get("train_dataset") is None:

@@ -31,9 +31,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForMaskedLM  # noqa: E402
 
-from llm_distill import tiny  # noqa: E402
+from llm_distill import embedded
 from llm_distill.evaluation import forward_latency  # noqa: E402
-from llm_distill.run import REPO_ROOT, run_distillation  # noqa: E402
+from llm_distill.jobs.distill import REPO_ROOT
+from llm_distill.jobs.distill import main as run_distillation  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs" / "distilbert.yaml"
 RUNS = {"mlm_only": ["--alpha_mlm", "1.0", "--alpha_kd", "0", "--alpha_cos", "0"], "triple": []}
@@ -84,7 +85,7 @@ def main() -> None:
         r["bench_wall_s"] = round(time.time() - start, 1)
         results[name] = r
 
-    teacher = AutoModelForMaskedLM.from_pretrained(tiny.resolve(results["triple"]["teacher"])).float()
+    teacher = AutoModelForMaskedLM.from_pretrained(embedded.resolve(results["triple"]["teacher"])).float()
     student = AutoModelForMaskedLM.from_pretrained(f"{args.workdir}/triple").float()
     ids = torch.randint(0, teacher.config.vocab_size, (args.latency_batch, 128),
                         generator=torch.Generator().manual_seed(0))

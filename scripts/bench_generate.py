@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from llm_distill.cli import parse_args_and_config  # noqa: E402
+from llm_distill.config import parse_args_and_config  # noqa: E402
 from llm_distill.generation import GenerateArguments, HFBackend, encode_prompts, load_prompts, plan_batches  # noqa: E402
 from llm_distill.models import load_causal_lm, load_tokenizer  # noqa: E402
 

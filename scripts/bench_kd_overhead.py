@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from llm_distill.data import DistillationCollator  # noqa: E402
-from llm_distill.run import load_everything, parse  # noqa: E402
+from llm_distill.jobs.distill import load_everything, parse  # noqa: E402
 from llm_distill.trainer import DistillationTrainer  # noqa: E402
 
 logger = logging.getLogger("bench_kd_overhead")

@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.cli import parse_args_and_config  # noqa: E402
+from llm_distill.config import parse_args_and_config  # noqa: E402
 from llm_distill.evaluation import forward_latency  # noqa: E402
 from llm_distill.models import load_causal_lm  # noqa: E402
-from llm_distill.prune_run import describe, run_pruning  # noqa: E402
-from llm_distill.run import run_distillation  # noqa: E402
+from llm_distill.jobs.prune import describe
+from llm_distill.jobs.prune import main as run_pruning  # noqa: E402
+from llm_distill.jobs.distill import main as run_distillation  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

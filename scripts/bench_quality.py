@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llm_distill.run import run_distillation  # noqa: E402
+from llm_distill.jobs.distill import main as run_distillation  # noqa: E402
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill import tiny  # noqa: E402
-from llm_distill.run import run_distillation  # noqa: E402
+from llm_distill import embedded
+from llm_distill.jobs.distill import main as run_distillation  # noqa: E402
 
 logger = logging.getLogger("bench_scaling")
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def build(out: Path, preset: str, seed: int = 0) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     spec = PRESETS[preset]
-    tokenizer = AutoTokenizer.from_pretrained(tiny.resolve("embedded:tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(embedded.resolve("embedded:tokenizer"))
     if len(tokenizer) > spec["vocab_size"]:
         raise ValueError(f"preset {preset}: vocab_size {spec['vocab_size']} < tokenizer size {len(tokenizer)}")
     for name in ("teacher", "student"):

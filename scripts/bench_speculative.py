@@ -13,23 +13,14 @@ Prints a table; writes ``bench_results/speculative.json`` and ``bench_results/sp
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.cli import parse_args_and_config  # noqa: E402
-from llm_distill.speculative_bench import BenchArguments, format_table, plot, run_benchmark  # noqa: E402
+from llm_distill.jobs import setup_logging  # noqa: E402
+from llm_distill.jobs.bench_speculative import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = parse_args_and_config((BenchArguments,), sys.argv[1:])
-    results = run_benchmark(args)
-    print(format_table(results))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=1))
-    if args.plot:
-        plot(results, args.plot)
-    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    setup_logging()
+    main(sys.argv[1:])

@@ -11,18 +11,14 @@ student-after on held-out data and prints + writes ``<output_dir>/distill_result
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.run import run_distillation  # noqa: E402
+from llm_distill.jobs import setup_logging  # noqa: E402
+from llm_distill.jobs.distill import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    results = run_distillation(sys.argv[1:])
-    if results is not None and os.environ.get("LLM_DISTILL_PRINT_JSON"):
-        print(json.dumps(results))
+    setup_logging()
+    main(sys.argv[1:])

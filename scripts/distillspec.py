@@ -14,16 +14,14 @@ over the continuation tokens. Writes the new draft to ``--output_dir`` and the s
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.cli import parse_args_and_config  # noqa: E402
-from llm_distill.distillspec import DistillSpecArguments, format_results, run_distillspec  # noqa: E402
+from llm_distill.jobs import setup_logging  # noqa: E402
+from llm_distill.jobs.distillspec import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = parse_args_and_config((DistillSpecArguments,), sys.argv[1:])
-    print(format_results(run_distillspec(args)))
+    setup_logging()
+    main(sys.argv[1:])

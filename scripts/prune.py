@@ -15,19 +15,14 @@ important, prints parameters / heads / layers / held-out perplexity before and a
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.prune_run import format_report, run_pruning  # noqa: E402
+from llm_distill.jobs import setup_logging  # noqa: E402
+from llm_distill.jobs.prune import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    results = run_pruning(sys.argv[1:])
-    print(format_report(results))
-    if os.environ.get("LLM_DISTILL_PRINT_JSON"):
-        print(json.dumps(results))
+    setup_logging()
+    main(sys.argv[1:])

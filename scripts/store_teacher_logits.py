@@ -12,16 +12,14 @@ Writes ``<teacher_logits>/manifest.json`` and parquet shards; re-running resumes
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.teacher_logits import run_store  # noqa: E402
+from llm_distill.jobs import setup_logging  # noqa: E402
+from llm_distill.jobs.store_logits import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    out = run_store(sys.argv[1:])
-    size = sum(f.stat().st_size for f in out.rglob("*.parquet"))
-    print(f"stored teacher top-k logits in {out} ({size / 2**20:.1f} MiB)")
+    setup_logging()
+    main(sys.argv[1:])

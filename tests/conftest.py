@@ -29,7 +29,8 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     """Byte-level BPE on a dozen stdlib files (well under a second), with the embedded chat template."""
     from dataclasses import replace
 
-    from llm_distill import tiny
+
+    from llm_distill.embedded import causal as tiny
 
     recipe = replace(tiny.TinyRecipe(), vocab_size=vocab_size, tokenizer_train_chars=10**9)
     tok = tiny.train_tokenizer(_corpus_texts(), recipe)
@@ -42,7 +43,8 @@ def miniature_recipe(teacher_steps: int = 3, teacher_layers: int = 2):
     8-wide student (for tests of the real build path)."""
     from dataclasses import replace
 
-    from llm_distill import tiny
+
+    from llm_distill.embedded import causal as tiny
 
     return replace(tiny.TinyRecipe(), vocab_size=300, tokenizer_train_chars=200_000, seq_len=32,
                    teacher_steps=teacher_steps, teacher_batch_size=2,

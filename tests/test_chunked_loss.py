@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_distill.lm_head import LMHeadPath, plain_lm_head
+from llm_distill.head_features import LMHeadPath, plain_lm_head
 from llm_distill.losses import IGNORE_INDEX, LOSS_TYPES, chunked_distillation_loss, distillation_loss
 
 B, S, HS, HT, V = 3, 11, 16, 24, 97

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_distill.cli import ConfigError, parse_args_and_config
+from llm_distill.config import ConfigError, parse_args_and_config
 from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
-from llm_distill.run import parse
+from llm_distill.jobs.distill import parse
 
 from conftest import REPO_ROOT
 
@@ -35,7 +35,7 @@ def _script_of(path: Path) -> str:
 def _dataclasses_for(script: str):
     """The dataclasses the named script parses its config into (a script without an entry fails the test)."""
     from llm_distill.generation import GenerateArguments
-    from llm_distill.prune_run import PruneArguments
+    from llm_distill.jobs.prune import PruneArguments
 
     parsers = {"distill": TYPES, "generate": (GenerateArguments,), "prune": (PruneArguments,)}
     assert script in parsers, f"no parser known for scripts/{script}.py: add it to _dataclasses_for"

@@ -9,11 +9,13 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from llm_distill import DistillationConfig, DistillationTrainer, tiny
+from llm_distill import DistillationConfig, DistillationTrainer
+
+from llm_distill.embedded import causal as tiny
 from llm_distill.data import DataValidationError, for_masked_lm, mask_once, masked_lm_collator
 from llm_distill.losses import IGNORE_INDEX
-from llm_distill.models import student_from_teacher
-from llm_distill.run import run_distillation
+from llm_distill.student_init import student_from_teacher
+from llm_distill.jobs.distill import main as run_distillation
 
 from conftest import _corpus_texts, miniature_recipe, write_jsonl
 
@@ -141,7 +143,7 @@ def test_causal_student_for_a_masked_teacher_is_refused(bert_paths, saved_pair, 
 
 @pytest.mark.slow
 def test_embedded_mlm_teacher_builder_is_deterministic_and_reloadable(tmp_path, monkeypatch):
-    from llm_distill.tiny_mlm import TinyMLMRecipe, build_mlm_teacher, mlm_dir
+    from llm_distill.embedded.masked import TinyMLMRecipe, build_mlm_teacher, mlm_dir
 
     monkeypatch.setenv("LLM_DISTILL_CACHE", str(tmp_path / "cache"))
     base = miniature_recipe(teacher_steps=1, teacher_layers=1)
@@ -165,7 +167,8 @@ def test_prune_script_on_a_masked_lm_then_distil_it(bert_paths, tmp_path):
     """scripts/prune.py on a BERT: MLM-loss scores, masked-token perplexity on fixed masks, a head count BertConfig
     cannot describe saved with pruning.json; then the pruned folder is the student of the DistilBERT recipe, which
     scores teacher and pruned student on the very masks the prune report used (same figures, independent code)."""
-    from llm_distill.prune_run import format_report, run_pruning
+    from llm_distill.jobs.prune import format_report
+    from llm_distill.jobs.prune import main as run_pruning
     from llm_distill.pruning import layer_shapes, load_pruned
 
     out = tmp_path / "pruned"

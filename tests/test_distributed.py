@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from llm_distill import DistillationCollator, DistillationConfig, DistillationTrainer
 from llm_distill.distributed import free_port, is_sharded, shutdown_distributed, teacher_backend
 from llm_distill.launch import build_command, launch, parse
-from llm_distill.run import run_distillation
+from llm_distill.jobs.distill import main as run_distillation
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))

@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_distill import tiny
-from llm_distill.run import run_distillation
+from llm_distill import embedded
+
+from llm_distill.embedded import causal as tiny
+from llm_distill.jobs.distill import main as run_distillation
 
 from conftest import miniature_recipe
 
@@ -61,7 +63,7 @@ def test_embedded_builder_is_deterministic_and_reloadable(tmp_path, monkeypatch)
     train_sources = {json.loads(line)["source"] for line in open(root / "data/train.jsonl")}
     heldout_sources = {json.loads(line)["source"] for line in open(root / "data/heldout.jsonl")}
     assert not train_sources & heldout_sources
-    assert tiny.resolve("embedded:teacher", recipe) == str(root / "teacher")
+    assert embedded.resolve("embedded:teacher", recipe) == str(root / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     assert teacher.config.num_hidden_layers == 2
     first = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -69,7 +71,7 @@ def test_embedded_builder_is_deterministic_and_reloadable(tmp_path, monkeypatch)
     for k, v in again.state_dict().items():
         assert torch.equal(v, first[k]), f"{k} differs between two builds with the same seed"
     with pytest.raises(ValueError, match="Unknown embedded artefact"):
-        tiny.resolve("embedded:nope", recipe)
+        embedded.resolve("embedded:nope", recipe)
 
 
 def test_lora_student_via_config(saved_pair, tmp_path):

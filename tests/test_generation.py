@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, make_llama, write_jsonl
 
-from llm_distill import tiny
+
+from llm_distill.embedded import causal as tiny
 from llm_distill.generation import (
     GenerateArguments,
     HFBackend,
@@ -25,10 +26,9 @@ from llm_distill.generation import (
     PromptValidationError,
     encode_prompts,
     load_prompts,
-    parse,
     plan_batches,
-    run_generation,
 )
+from llm_distill.jobs.generate import parse, run_generation
 
 PY = str(REPO_ROOT / ".venv" / "bin" / "python")
 if not Path(PY).exists():
@@ -91,7 +91,7 @@ def test_config_checks_name_the_field():
 def test_yaml_configs_parse():
     args = parse(["--config", str(REPO_ROOT / "configs" / "generate.yaml"), "--max_prompts", "3"])
     assert args.teacher_model == "embedded:teacher" and args.max_prompts == 3 and args.prompt_max_lines == 8
-    from llm_distill.run import parse as parse_distill
+    from llm_distill.jobs.distill import parse as parse_distill
 
     _, data_args, train_args = parse_distill(["--config", str(REPO_ROOT / "configs" / "two-stage-response-kd.yaml")])
     assert data_args.dataset == "outputs/generate/responses.jsonl" and train_args.alpha == 0.0
@@ -284,7 +284,7 @@ def test_generated_rows_train_with_sequence_and_logit_kd(teacher_dir, prompts_fi
     from llm_distill.config import DataArguments
     from llm_distill.data import load_rows, prepare_dataset
     from llm_distill.losses import IGNORE_INDEX
-    from llm_distill.run import run_distillation
+    from llm_distill.jobs.distill import main as run_distillation
 
     args = gen_args(teacher_dir, prompts_file, tmp_path / "gen.jsonl", logprobs=2)
     run_generation(args)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from llm_distill import DistillationCollator
 from llm_distill.losses import LOSS_TYPES, token_divergence, topk_divergence
-from llm_distill.teacher_logits import load_teacher_logits, store_teacher_logits
+from llm_distill.offline_kd import load_teacher_logits, store_teacher_logits
 from test_trainer import config, token_dataset
 
 
@@ -156,7 +156,7 @@ def _sampled_rows(logits: torch.Tensor, k: int, seed: int = 0):
     """``teacher_topk(selection="sample")`` on fixed logits: a stub head path hands them over as the features."""
     from types import SimpleNamespace
 
-    from llm_distill.teacher_logits import teacher_topk
+    from llm_distill.offline_kd import teacher_topk
 
     n, v = logits.shape
     batch = {"input_ids": torch.zeros(1, n + 1, dtype=torch.long), "labels": torch.zeros(1, n + 1, dtype=torch.long)}
@@ -168,7 +168,7 @@ def _sampled_rows(logits: torch.Tensor, k: int, seed: int = 0):
 
 def test_sampled_store_rows_are_draw_frequencies():
     """k draws per position: the distinct ids drawn, log(count / k), zero-weight fillers; frequencies -> p."""
-    from llm_distill.teacher_logits import SAMPLE_FILL
+    from llm_distill.offline_kd import SAMPLE_FILL
 
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0)) * 2
     ids, logw = _sampled_rows(logits, k=20_000)  # more draws than tokens: every slot is a token, weights sum to 1

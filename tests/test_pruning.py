@@ -602,8 +602,9 @@ def test_build_plan_global_ranking_keeps_the_total_and_one_unit_per_layer():
 
 def test_prune_script_then_distil_the_pruned_student(saved_pair, tmp_path):
     """scripts/prune.py on a saved tiny Llama (non-uniform plan), then scripts/distill.py recovers it."""
-    from llm_distill.prune_run import format_report, run_pruning
-    from llm_distill.run import run_distillation
+    from llm_distill.jobs.prune import format_report
+    from llm_distill.jobs.prune import main as run_pruning
+    from llm_distill.jobs.distill import main as run_distillation
 
     out = tmp_path / "pruned"
     common = ["--dataset", str(saved_pair["train"]), "--eval_dataset", str(saved_pair["eval"]), "--max_length", "32",
@@ -629,7 +630,7 @@ def test_prune_script_then_distil_the_pruned_student(saved_pair, tmp_path):
 def test_prune_script_refuses_a_head_count_the_config_rejects_before_scoring(tmp_path, monkeypatch, tiny_tokenizer):
     """keep_heads 3 of 4 on a hidden-32 Llama: LlamaConfig would reject it, so the job stops before any data is
     read or scored, naming the counts that work; --standard_config false accepts it (pruning.json sidecar)."""
-    from llm_distill import prune_run
+    from llm_distill.jobs import prune as prune_run
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tiny_tokenizer)))
@@ -639,11 +640,11 @@ def test_prune_script_refuses_a_head_count_the_config_rejects_before_scoring(tmp
     real_data = prune_run._data
     monkeypatch.setattr(prune_run, "_data", lambda *a: pytest.fail("the data was read before the plan was checked"))
     with pytest.raises(PruningPlanError, match="nearest head counts it accepts: 2"):
-        prune_run.run_pruning(args)
+        prune_run.main(args)
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(prune_run, "_data", real_data)
     texts = write_jsonl(tmp_path / "t.jsonl", [{"text": t[:800]} for t in corpus()[:3]])
-    results = prune_run.run_pruning([*args, "--standard_config", "false", "--dataset", str(texts), "--eval_dataset",
+    results = prune_run.main([*args, "--standard_config", "false", "--dataset", str(texts), "--eval_dataset",
                                      str(texts), "--max_length", "32", "--calibration_samples", "2",
                                      "--max_eval_samples", "2", "--batch_size", "2", "--latency_repeats", "2"])
     assert results["after"]["heads_per_layer"] == 3 and results["after"]["latency_ms"] > 0
@@ -656,15 +657,15 @@ def test_prune_script_refuses_a_head_count_the_config_rejects_before_scoring(tmp
     ("layer_importance", "cos", "layer_importance='cos'"), ("max_length", "1", "max_length=1"),
 ])
 def test_prune_arguments_name_the_field(flag, value, message):
-    from llm_distill.prune_run import parse
+    from llm_distill.jobs.prune import parse
 
     with pytest.raises(ValueError, match=message):
         parse([f"--{flag}", value, "--drop_layers", "1"] if flag != "drop_layers" else [f"--{flag}", value])
 
 
 def test_nothing_to_prune_is_an_error(tmp_path):
-    from llm_distill.cli import parse_args_and_config
-    from llm_distill.prune_run import PruneArguments
+    from llm_distill.config import parse_args_and_config
+    from llm_distill.jobs.prune import PruneArguments
 
     with pytest.raises(ValueError, match="Nothing to prune"):
         parse_args_and_config((PruneArguments,), ["--output_dir", str(tmp_path)])

@@ -21,11 +21,11 @@ from transformers import (
 )
 
 from llm_distill.config import ModelArguments
-from llm_distill.models import (
+from llm_distill.layers import layer_stack_path
+from llm_distill.models import lm_kind
+from llm_distill.student_init import (
     _mapped_state_dict,
     check_teacher_layers,
-    layer_stack_path,
-    lm_kind,
     select_teacher_layers,
     student_from_teacher,
 )

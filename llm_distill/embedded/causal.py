@@ -8,12 +8,12 @@ with no arguments. So the default run builds its own world, deterministically fr
 * tokenizer- byte-level BPE trained with ``tokenizers``, wrapped as ``PreTrainedTokenizerFast``;
 * teacher  - a small Llama-style causal LM pretrained on the train split;
 * student  - a smaller Llama, freshly initialised (``student_init: teacher_layers`` in a config builds
-             one from the teacher's layers instead, see ``llm_distill.models``).
+             one from the teacher's layers instead, see ``llm_distill.student_init``).
 
 Everything is written with ``save_pretrained`` and read back with ``from_pretrained(path)``: the same
 code path as a hub id. Config files refer to these artefacts as ``embedded:teacher``,
 ``embedded:student``, ``embedded:tokenizer``, ``embedded:train`` and ``embedded:heldout``;
-:func:`resolve` turns such a name into a local path, building the cache first if needed.
+``llm_distill.embedded.resolve`` turns such a name into a local path, building the cache first if needed.
 
 The cache lives in ``$LLM_DISTILL_CACHE`` (default ``~/.cache/llm_distill``), in a folder whose name
 hashes the build recipe and the Python version, so a changed recipe never reuses stale models.
@@ -41,9 +41,6 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_PREFIX = "embedded:"
-ARTEFACTS = ("teacher", "student", "tokenizer", "train", "heldout", "mlm_teacher")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|mask|>"]
 
@@ -95,25 +92,6 @@ def cache_root() -> Path:
 def embedded_dir(recipe: TinyRecipe | None = None) -> Path:
     recipe = recipe or TinyRecipe()
     return cache_root() / f"embedded-{recipe.digest()}"
-
-
-def is_embedded(name: str | None) -> bool:
-    return isinstance(name, str) and name.startswith(EMBEDDED_PREFIX)
-
-
-def resolve(name: str | None, recipe: TinyRecipe | None = None) -> str | None:
-    """Map ``embedded:<artefact>`` to its local path (building the cache if needed); pass other names through."""
-    if not is_embedded(name):
-        return name
-    artefact = name[len(EMBEDDED_PREFIX) :]
-    if artefact not in ARTEFACTS:
-        raise ValueError(f"Unknown embedded artefact {name!r}; choose one of: {', '.join(EMBEDDED_PREFIX + a for a in ARTEFACTS)}")
-    if artefact == "mlm_teacher":
-        from llm_distill.tiny_mlm import build_mlm_teacher  # built on demand by the DistilBERT recipe
-
-        return str(build_mlm_teacher(recipe))
-    root = build(recipe)
-    return str(root / {"train": "data/train.jsonl", "heldout": "data/heldout.jsonl"}.get(artefact, artefact))
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -324,8 +302,3 @@ def build(recipe: TinyRecipe | None = None, force: bool = False) -> Path:
             counts["train"], counts["heldout"],
         )
     return final
-
-
-if __name__ == "__main__":  # python -m llm_distill.tiny  -> build (or show) the cache
-    logging.basicConfig(level=logging.INFO)
-    print(build(force="--force" in sys.argv))

@@ -28,13 +28,14 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_distill.head_features import LMHeadPath
 from llm_distill.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -45,35 +46,6 @@ FORMAT_VERSION = 1
 LOGPROB_DTYPES = ("float16", "float32")
 SELECTIONS = ("top_k", "sample")
 SAMPLE_FILL = -1.0e4  # log-weight of the filler slots of a sampled row: exp() is exactly 0, finite in float16
-
-
-@dataclass
-class StoreArguments:
-    """Settings of ``scripts/store_teacher_logits.py`` (the output folder is ``teacher_logits``)."""
-
-    top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position (most likely first); with "
-                                                     "selection=sample, the number of draws."})
-    selection: str = field(
-        default="top_k",
-        metadata={"help": "top_k = the k most likely tokens + one tail bucket; sample = k draws from the teacher "
-                          "(seeded by --seed), stored as the distinct tokens and their frequencies: an unbiased "
-                          "estimate of the forward-KL gradient (train with loss_type forward_kl)."},
-    )
-    logprob_dtype: str = field(
-        default="float16", metadata={"help": f"Storage dtype of the log-probabilities, one of {', '.join(LOGPROB_DTYPES)}."}
-    )
-    rows_per_shard: int = field(default=256, metadata={"help": "Sequences per parquet shard (the unit of resumption)."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete an existing store with other settings first."})
-
-    def __post_init__(self):
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} is invalid: expected an integer >= 1 (e.g. 64).")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection={self.selection!r} is invalid: expected one of {SELECTIONS}.")
-        if self.logprob_dtype not in LOGPROB_DTYPES:
-            raise ValueError(f"logprob_dtype={self.logprob_dtype!r} is invalid: expected one of {LOGPROB_DTYPES}.")
-        if self.rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard={self.rows_per_shard} is invalid: expected an integer >= 1.")
 
 
 def _shard_name(i: int, n: int) -> str:
@@ -97,7 +69,7 @@ def teacher_topk(teacher, batch: dict, k: int, temperature: float, vocab_size: i
     (row-major), computed ``chunk_size`` positions at a time from final hidden states when possible.
     ``selection="sample"``: ``k`` draws instead (see the module docstring), from ``generator``."""
     inputs = {key: v for key, v in batch.items() if key != "labels"}
-    feats = head_path(teacher, inputs)  # hidden states + lm_head, or logits (see llm_distill.lm_head)
+    feats = head_path(teacher, inputs)  # hidden states + lm_head, or logits (see llm_distill.head_features)
     valid = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, S-1): position t predicts label t+1
     rows = feats.features[:, :-1][valid]  # (N, H) or (N, V)
     ids, logprobs = [], []
@@ -127,8 +99,6 @@ def store_teacher_logits(teacher, dataset, out_dir: str | Path, collator, *, top
     stores too: shard ``i`` draws from its own generator, seeded with ``seed`` and ``i``)."""
     from datasets import Dataset, Features, List, Value
     from tqdm.auto import tqdm
-
-    from llm_distill.lm_head import LMHeadPath
 
     out_dir = Path(out_dir)
     data_dir = out_dir / "data"
@@ -249,42 +219,3 @@ class TopKCollator:
         batch["topk_ids"] = torch.from_numpy(np.concatenate(ids)) if ids else torch.zeros(0, k, dtype=torch.long)
         batch["topk_logprobs"] = torch.from_numpy(np.concatenate(logprobs)) if logprobs else torch.zeros(0, k)
         return batch
-
-
-def run_store(argv: list[str]) -> Path:
-    """``scripts/store_teacher_logits.py``: the distillation config's teacher + training data, stored once.
-
-    The same YAML (and flags) as ``scripts/distill.py`` select teacher, tokenizer, data, ``temperature`` and
-    ``seed``, so ``distill.py --teacher_logits <folder>`` trains on exactly these rows."""
-    from llm_distill import tiny
-    from llm_distill.cli import parse_args_and_config
-    from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
-    from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
-    from llm_distill.models import load_causal_lm, load_tokenizer
-    from llm_distill.run import DEFAULT_CONFIG
-
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    model_args, data_args, args, store_args = parse_args_and_config(
-        (ModelArguments, DataArguments, DistillationConfig, StoreArguments), argv)
-    if not args.teacher_logits:
-        raise ValueError("Set --teacher_logits <folder>: where the teacher's top-k logits are written.")
-    torch.manual_seed(args.seed)
-    for name in (model_args.teacher_model, data_args.dataset):
-        tiny.resolve(name)
-    tokenizer = load_tokenizer(model_args.tokenizer or model_args.teacher_model, model_args.trust_remote_code)
-    rows, fmt = load_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config, Fields.from_args(data_args))
-    dataset = prepare_dataset(rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed, "train")
-    teacher = load_causal_lm(model_args.teacher_model, model_args.teacher_dtype, model_args.attn_implementation,
-                             model_args.trust_remote_code)
-    vocab = min(len(tokenizer), teacher.get_output_embeddings().weight.shape[0])  # real tokens only, no padding rows
-    meta = {"teacher_model": model_args.teacher_model, "dataset": data_args.dataset,
-            "max_length": data_args.max_length, "packing": data_args.packing,
-            "max_train_samples": data_args.max_train_samples, "seed": args.seed}
-    return store_teacher_logits(
-        teacher, dataset, args.teacher_logits, DistillationCollator(tokenizer), top_k=store_args.top_k,
-        temperature=args.temperature, vocab_size=vocab, batch_size=args.per_device_eval_batch_size,
-        rows_per_shard=store_args.rows_per_shard, logprob_dtype=store_args.logprob_dtype,
-        overwrite=store_args.overwrite, meta=meta, device="cpu" if args.use_cpu else None,
-        selection=store_args.selection, seed=args.seed,
-    )

@@ -1,7 +1,9 @@
-"""Speculative-decoding benchmark: acceptance, measured vs predicted speedup, and HF assisted generation.
+"""Job: the speculative-decoding benchmark: acceptance, measured vs predicted speedup, HF assisted generation.
 
-``scripts/bench_speculative.py`` is the command; this module holds the logic so tests and the DistillSpec
-recipe reuse it. All methods run in ONE process and are interleaved round by round (median of rounds), so
+    python scripts/bench_speculative.py [--key value ...]
+    llm-distill bench-speculative [--key value ...]
+
+This module holds the logic so tests and the DistillSpec recipe reuse it. All methods run in ONE process and are interleaved round by round (median of rounds), so
 load from other processes hits them alike; only ratios measured within one run are compared.
 """
 
@@ -12,14 +14,16 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from llm_distill import tiny
-from llm_distill.speculative import SpeculativeDecoder, expected_speedup
+from llm_distill.config import parse_args_and_config
+from llm_distill.embedded import resolve
+from llm_distill.models import load_causal_lm, load_tokenizer
+from llm_distill.speculative import SpeculativeDecoder, check_gamma, expected_speedup
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +58,17 @@ class BenchArguments:
         for name in ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size", "rounds", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1.")
-        if not self.gammas or min(self.gammas) < 1:
-            raise ValueError(f"gammas={self.gammas} is invalid: expected a list of integers >= 1.")
+        if not self.gammas:
+            raise ValueError("gammas=[] is invalid: expected a list of integers >= 1.")
+        for gamma in self.gammas:
+            check_gamma(gamma)
         if any(t < 0 for t in self.temperatures):
             raise ValueError(f"temperatures={self.temperatures} is invalid: expected values >= 0 (0 = greedy).")
 
 
 def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     """``num_prompts`` windows of ``prompt_tokens`` tokens, one per file/row, at seeded random offsets."""
-    rows = [json.loads(line) for line in open(tiny.resolve(path), encoding="utf-8") if line.strip()]
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     rng = random.Random(seed)
     rng.shuffle(rows)
     prompts = []
@@ -153,8 +159,9 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def run_benchmark(args: BenchArguments) -> dict:
-    from llm_distill.models import load_causal_lm, load_tokenizer
-
+    """Every method, interleaved round by round in this process; returns the results (``format_table`` prints them)."""
+    names, args = args, replace(args, **{name: resolve(getattr(args, name))
+                                          for name in ("target_model", "draft_model", "tokenizer", "prompts")})
     torch.set_num_threads(args.threads)
     if args.draft_model == DEFAULT_DRAFT and not Path(DEFAULT_DRAFT).is_dir():
         raise FileNotFoundError(f"The default draft {DEFAULT_DRAFT} does not exist. Make it with `python "
@@ -165,7 +172,7 @@ def run_benchmark(args: BenchArguments) -> dict:
     draft = load_causal_lm(args.draft_model, "float32").eval()
     decoder = SpeculativeDecoder(target, draft, tokenizer)
     pad = tokenizer.pad_token_id
-    results = {"config": asdict(args), "device": "cpu", "torch_threads": args.threads, "runs": []}
+    results = {"config": asdict(names), "device": "cpu", "torch_threads": args.threads, "runs": []}
 
     # Warm up every code path once (allocator, kernels) before anything is timed.
     run_ours(decoder, prompts[:2], 2, 0.0, 2, 8, args.seed)
@@ -284,3 +291,16 @@ def plot(results: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str]) -> dict:
+    """``scripts/bench_speculative.py`` / ``llm-distill bench-speculative``: run, print the table, write JSON (+ plot)."""
+    (args,) = parse_args_and_config((BenchArguments,), argv)
+    results = run_benchmark(args)
+    print(format_table(results))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return results

@@ -1,4 +1,7 @@
-"""DistillSpec (Zhou et al. 2023, arXiv:2310.08461): distil the draft toward the target to raise acceptance.
+"""Job: DistillSpec (Zhou et al. 2023, arXiv:2310.08461): distil the draft toward the target to raise acceptance.
+
+    python scripts/distillspec.py [--key value ...]
+    llm-distill distillspec [--key value ...]
 
 Acceptance in speculative decoding is 1 - TV(p, q) per token (Leviathan et al. 2022, Corollary 3.6), so a
 draft that imitates the target *on the text the decoder actually visits* accepts more. The recipe:
@@ -6,7 +9,7 @@ draft that imitates the target *on the text the decoder actually visits* accepts
 1. measure the draft's acceptance on held-out prompts (greedy and sampled);
 2. build continuation data on *training* prompts: draft-generated (on-policy, DistillSpec's default),
    target-generated (sampled exactly from the target with our speculative decoder), or both;
-3. distil with ``DistillationTrainer`` (``llm_distill.run.run_distillation``: the teacher's full
+3. distil with ``DistillationTrainer`` (``llm_distill.jobs.distill.run_distillation``: the teacher's full
    distribution on every continuation token, loss on the continuation only);
 4. measure acceptance again on the same held-out prompts.
 """
@@ -16,14 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from llm_distill.speculative import SpeculativeDecoder
-from llm_distill.speculative_bench import batches, load_prompt_ids
+from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, config_from_dict, parse_args_and_config
+from llm_distill.embedded import resolve
+from llm_distill.jobs.bench_speculative import batches, load_prompt_ids
+from llm_distill.jobs.distill import DEFAULT_CONFIG, run_distillation
+from llm_distill.losses import Divergence
+from llm_distill.models import load_causal_lm, load_tokenizer
+from llm_distill.speculative import SpeculativeDecoder, check_gamma
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +63,14 @@ class DistillSpecArguments:
     def __post_init__(self):
         if self.data_source not in DATA_SOURCES:
             raise ValueError(f"data_source={self.data_source!r} is invalid: expected one of {', '.join(DATA_SOURCES)}.")
-        for name in ("num_train_prompts", "num_eval_prompts", "prompt_tokens", "max_new_tokens", "eval_gamma",
+        check_gamma(self.eval_gamma)
+        for name in ("num_train_prompts", "num_eval_prompts", "prompt_tokens", "max_new_tokens",
                      "max_steps", "batch_size", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1.")
         if self.data_temperature <= 0:
             raise ValueError(f"data_temperature={self.data_temperature} is invalid: expected > 0.")
+        Divergence(loss_type=self.loss_type)  # checks loss_type
 
 
 def measure_acceptance(target, draft, tokenizer, prompts, gamma: int, max_new_tokens: int, seed: int,
@@ -99,9 +109,9 @@ def generate_continuations(model_target, model_draft, tokenizer, prompts, source
 
 
 def run_distillspec(args: DistillSpecArguments) -> dict:
-    from llm_distill.models import load_causal_lm, load_tokenizer
-    from llm_distill.run import run_distillation
-
+    """Acceptance before, continuation data, distillation, acceptance after; returns (and writes) the summary."""
+    names, args = args, replace(args, **{name: resolve(getattr(args, name)) for name in
+                                          ("target_model", "draft_model", "train_prompts", "eval_prompts")})
     start = time.time()
     if not Path(args.draft_model).exists() and args.draft_model == "outputs/spec_draft":
         raise FileNotFoundError("The default draft outputs/spec_draft does not exist. Make it with `python "
@@ -127,22 +137,22 @@ def run_distillspec(args: DistillSpecArguments) -> dict:
 
     # 3. Distil the draft toward the target on them (loss on continuation tokens only).
     t0 = time.time()
-    train = run_distillation([
-        "--teacher_model", args.target_model, "--student_model", args.draft_model, "--student_init", "pretrained",
-        "--tokenizer", args.target_model, "--dataset", str(data_path), "--eval_dataset", "", "--packing", "false",
-        "--max_length", str(args.prompt_tokens + args.max_new_tokens + 16), "--max_train_samples", str(len(rows)),
-        "--alpha", "1.0", "--loss_type", args.loss_type, "--temperature", "1.0", "--max_steps", str(args.max_steps),
-        "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-        "--warmup_steps", str(max(1, args.max_steps // 20)), "--logging_steps", str(max(1, args.max_steps // 6)),
-        "--output_dir", args.output_dir, "--seed", str(args.seed),
-    ])
+    train = run_distillation(*config_from_dict((ModelArguments, DataArguments, DistillationConfig), {
+        "teacher_model": args.target_model, "student_model": args.draft_model, "student_init": "pretrained",
+        "tokenizer": args.target_model, "dataset": str(data_path), "eval_dataset": "", "packing": False,
+        "max_length": args.prompt_tokens + args.max_new_tokens + 16, "max_train_samples": len(rows),
+        "alpha": 1.0, "loss_type": args.loss_type, "temperature": 1.0, "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "warmup_steps": max(1, args.max_steps // 20), "logging_steps": max(1, args.max_steps // 6),
+        "output_dir": args.output_dir, "seed": args.seed,
+    }, base=DEFAULT_CONFIG))
     train_s = time.time() - t0
 
     # 4. Acceptance after, same prompts and seeds.
     distilled = load_causal_lm(args.output_dir, "float32").eval()
     after = measure_acceptance(target, distilled, tokenizer, eval_prompts, args.eval_gamma, args.max_new_tokens, args.seed)
     results = {
-        "config": asdict(args), "before": before, "after": after,
+        "config": asdict(names), "before": before, "after": after,
         "delta_pp": {m: 100 * (after[m]["acceptance_rate"] - before[m]["acceptance_rate"]) for m in before},
         "train_rows": len(rows), "train_loss": (train or {}).get("train_loss"), "generation_s": gen_s,
         "training_s": train_s, "wall_time_s": time.time() - start,
@@ -166,3 +176,11 @@ def format_results(r: dict) -> str:
     lines.append(f"{r['train_rows']} continuation rows ({r['config']['data_source']}), generation "
                  f"{r['generation_s']:.0f}s, training {r['training_s']:.0f}s, wall {r['wall_time_s']:.0f}s")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> dict:
+    """``scripts/distillspec.py`` / ``llm-distill distillspec``: parse ``argv``, run, print the table."""
+    (args,) = parse_args_and_config((DistillSpecArguments,), argv)
+    results = run_distillspec(args)
+    print(format_results(results))
+    return results

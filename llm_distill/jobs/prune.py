@@ -1,6 +1,10 @@
-"""The pruning job, callable in-process: config -> model -> calibration data -> scores -> plan -> prune -> save.
+"""Job: prune heads / layers / MLP width. Config -> model -> calibration data -> scores -> plan -> prune -> save.
 
-``scripts/prune.py`` is a thin wrapper around :func:`run_pruning`; the pruned folder is then the student of
+    python scripts/prune.py [--config configs/prune.yaml] [--key value ...]
+    llm-distill prune [--config configs/prune.yaml] [--key value ...]
+
+:func:`run_pruning` is the typed entry (``PruneArguments`` in, the report out); :func:`main` parses argv. The pruned
+folder is then the student of
 ``scripts/distill.py`` (``--student_model <output_dir> --student_init pretrained``) with the original model
 as the teacher, which recovers most of the quality pruning costs (Minitron's prune -> distil recipe).
 """
@@ -9,16 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from llm_distill.cli import parse_args_and_config
-from llm_distill.config import DTYPES, DataArguments, _check
+from llm_distill.checks import DTYPES, check_field
+from llm_distill.config import DataArguments, parse_args_and_config
 from llm_distill.data import (
     DistillationCollator,
     Fields,
@@ -28,6 +33,7 @@ from llm_distill.data import (
     masked_lm_collator,
     prepare_dataset,
 )
+from llm_distill.embedded import resolve
 from llm_distill.evaluation import evaluate_models, forward_latency
 from llm_distill.importance import (
     Importance,
@@ -42,7 +48,7 @@ from llm_distill.pruning import GQA_MODES, PruningPlan, check_plan, layer_shapes
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "prune.yaml"
 IMPORTANCE = {"activation": activation_importance, "gradient": gradient_importance}
 LAYER_IMPORTANCE = {"block_influence": block_influence, "loss": layer_removal_loss}
@@ -114,19 +120,19 @@ class PruneArguments:
     seed: int = field(default=42, metadata={"help": "Seed for sub-sampling the calibration data."})
 
     def __post_init__(self):
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check_field(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         for name in ("keep_heads", "mlp_width"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, name, value, "an integer >= 1 (or empty to leave untouched)")
-        _check(self.drop_layers >= 0, "drop_layers", self.drop_layers, "an integer >= 0")
-        _check(0.0 < self.mlm_probability < 1.0, "mlm_probability", self.mlm_probability, "a number in (0, 1)")
-        _check(self.latency_repeats >= 0, "latency_repeats", self.latency_repeats, "an integer >= 0 (0 = skip)")
-        _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
-        _check(self.importance in IMPORTANCE, "importance", self.importance, f"one of {', '.join(IMPORTANCE)}")
-        _check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
+            check_field(value is None or value >= 1, name, value, "an integer >= 1 (or empty to leave untouched)")
+        check_field(self.drop_layers >= 0, "drop_layers", self.drop_layers, "an integer >= 0")
+        check_field(0.0 < self.mlm_probability < 1.0, "mlm_probability", self.mlm_probability, "a number in (0, 1)")
+        check_field(self.latency_repeats >= 0, "latency_repeats", self.latency_repeats, "an integer >= 0 (0 = skip)")
+        check_field(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
+        check_field(self.importance in IMPORTANCE, "importance", self.importance, f"one of {', '.join(IMPORTANCE)}")
+        check_field(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
                f"one of {', '.join(LAYER_IMPORTANCE)}")
         for name in ("calibration_samples", "max_length", "batch_size", "max_eval_samples"):
-            _check(getattr(self, name) >= (2 if name == "max_length" else 1), name, getattr(self, name),
+            check_field(getattr(self, name) >= (2 if name == "max_length" else 1), name, getattr(self, name),
                    "an integer >= 2" if name == "max_length" else "an integer >= 1")
         if self.plan is None and self.keep_heads is None and self.mlp_width is None and not self.drop_layers:
             raise ValueError("Nothing to prune: set keep_heads, mlp_width, drop_layers, or plan (a JSON plan file).")
@@ -140,8 +146,25 @@ def parse(argv: list[str]) -> PruneArguments:
     return args
 
 
-def run_pruning(argv: list[str]) -> dict:
-    args = parse(argv)
+def main(argv: list[str]) -> dict:
+    """``scripts/prune.py`` / ``llm-distill prune``: parse ``argv``, run, print the report."""
+    results = run_pruning(parse(argv))
+    print(format_report(results))
+    if os.environ.get("LLM_DISTILL_PRINT_JSON"):
+        print(json.dumps(results))
+    return results
+
+
+def resolve_names(args: PruneArguments, names: tuple[str, ...]) -> PruneArguments:
+    """A copy with the ``embedded:`` names among ``names`` replaced by their local paths (the embedded default is
+    built on first use: the data names are resolved only once the plan has been checked, so a refused plan costs
+    seconds, not a build)."""
+    return replace(args, **{name: resolve(getattr(args, name)) for name in names})
+
+
+def run_pruning(args: PruneArguments) -> dict:
+    """Prune ``args.model`` into ``args.output_dir`` and return the before / after report."""
+    names, args = args, resolve_names(args, ("model", "tokenizer"))
     set_seed(args.seed)
     start = time.time()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -163,7 +186,7 @@ def run_pruning(argv: list[str]) -> dict:
     after = describe(model) | _perplexity(model, heldout, tokenizer, args, masked) | _latency(model, args)
     save_pruned(model, args.output_dir, plan)
     tokenizer.save_pretrained(args.output_dir)
-    results = {"model": args.model, "objective": "masked_lm" if masked else "causal_lm", "output_dir": args.output_dir,
+    results = {"model": names.model, "objective": "masked_lm" if masked else "causal_lm", "output_dir": args.output_dir,
                "before": before, "after": after,
                "plan": plan.to_dict(), "importance": args.importance, "layer_importance": args.layer_importance,
                "wall_time_s": time.time() - start}
@@ -208,6 +231,7 @@ def describe(model) -> dict:
 def _data(args: PruneArguments, tokenizer, masked: bool = False):
     """Calibration batches and held-out rows. Masked LMs: seeded random masks for the calibration batches (the loss
     the gradient scores use is the MLM loss) and one fixed masking of the held-out rows (before == after masks)."""
+    args = resolve_names(args, ("dataset", "eval_dataset"))
     data_args = DataArguments(dataset=args.dataset, dataset_split=args.dataset_split, eval_dataset=args.eval_dataset,
                               packing=True, max_length=args.max_length)
     fields = Fields.from_args(data_args)

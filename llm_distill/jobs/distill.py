@@ -1,7 +1,12 @@
-"""The main job, callable in-process: config -> models -> data -> train -> held-out report.
+"""Job: distil a teacher into a student. Config -> models -> data -> train -> held-out report.
 
-``scripts/distill.py`` is a thin wrapper around :func:`run_distillation`; tests and benchmarks call it
-directly with an argv list, so the command users run is the code that is tested.
+    accelerate launch scripts/distill.py [--config configs/X.yaml] [--key value ...]
+    llm-distill distill [--config configs/X.yaml] [--key value ...]
+
+:func:`run_distillation` is the typed entry (the three arguments dataclasses in, the results dict out); other jobs
+call it directly. :func:`main` parses an argv list into those dataclasses and calls it: ``scripts/distill.py``,
+the ``llm-distill distill`` verb, the tests and the benchmarks all go through it, so the command users run is the
+code that is tested.
 
 Causal and masked LMs take the same path; a masked-LM teacher (BERT, DistilBERT ... - see
 ``llm_distill.models.lm_kind``) switches three things: the models load with ``AutoModelForMaskedLM``, training
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,9 +28,7 @@ import torch
 from accelerate import PartialState
 from transformers import set_seed
 
-from llm_distill import tiny
-from llm_distill.cli import parse_args_and_config
-from llm_distill.config import DataArguments, DistillationConfig, ModelArguments
+from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
 from llm_distill.data import (
     DistillationCollator,
     Fields,
@@ -35,29 +39,28 @@ from llm_distill.data import (
     prepare_dataset,
 )
 from llm_distill.distributed import gathered_for_forward, is_sharded, shutdown_distributed
+from llm_distill.embedded import resolve
 from llm_distill.evaluation import evaluate_models
 from llm_distill.models import (
     apply_lora,
-    check_teacher_layers,
     check_tokenizers_compatible,
     check_vocab_compatible,
     fresh_lm,
     lm_kind,
     load_lm,
     load_tokenizer,
-    select_teacher_layers,
-    student_from_teacher,
 )
-from llm_distill.teacher_logits import load_teacher_logits
+from llm_distill.offline_kd import load_teacher_logits
+from llm_distill.student_init import check_teacher_layers, select_teacher_layers, student_from_teacher
 from llm_distill.trainer import DistillationTrainer
 
 logger = logging.getLogger("llm_distill")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
-def parse(argv: list[str]):
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, DistillationConfig]:
     """Parse argv; with no ``--config`` the embedded default config is used as the base."""
     if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
@@ -82,12 +85,22 @@ def build_student(model_args: ModelArguments, teacher, seed: int):
     return student
 
 
+def resolve_names(model_args: ModelArguments, data_args: DataArguments) -> tuple[ModelArguments, DataArguments]:
+    """Copies of the arguments with every ``embedded:`` name replaced by its local path (built once, on rank 0
+    first: the other ranks then find it cached)."""
+    with PartialState().main_process_first():
+        model_args = dataclasses.replace(model_args, **{
+            name: resolve(getattr(model_args, name)) for name in ("teacher_model", "student_model", "tokenizer")})
+        data_args = dataclasses.replace(data_args, **{
+            name: resolve(getattr(data_args, name)) for name in ("dataset", "eval_dataset")})
+    return model_args, data_args
+
+
 def load_everything(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig):
-    """Models, tokenizer and tokenised data, with every compatibility check before any training step."""
+    """Models, tokenizer and tokenised data, with every compatibility check before any training step.
+
+    Takes local paths or hub ids (``resolve_names`` first for ``embedded:`` names)."""
     state = PartialState()
-    with state.main_process_first():  # rank 0 builds the embedded default; the others then find it cached
-        for name in (model_args.teacher_model, model_args.student_model, data_args.dataset, data_args.eval_dataset):
-            tiny.resolve(name)
     tokenizer_src = model_args.tokenizer or (
         model_args.student_model if model_args.student_init != "teacher_layers" else model_args.teacher_model
     )
@@ -131,13 +144,22 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
     return tokenizer, teacher, student, train_ds, eval_ds
 
 
-def run_distillation(argv: list[str]) -> dict | None:
-    model_args, data_args, args = parse(argv)
+def main(argv: list[str]) -> dict:
+    """``scripts/distill.py`` / ``llm-distill distill``: parse ``argv`` and run (the report is printed on rank 0)."""
+    results = run_distillation(*parse(argv))
+    if os.environ.get("LLM_DISTILL_PRINT_JSON"):
+        print(json.dumps(results))
+    return results
+
+
+def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict:
+    """Train ``args.output_dir``'s student and return the held-out report (also written to
+    ``<output_dir>/distill_results.json``)."""
     if args.include_num_input_tokens_seen in ("no", False):
         args.include_num_input_tokens_seen = "non_padding"  # for the tokens/s figure in the report
     set_seed(args.seed)
     start = time.time()
-    tokenizer, teacher, student, train_ds, eval_ds = load_everything(model_args, data_args, args)
+    tokenizer, teacher, student, train_ds, eval_ds = load_everything(*resolve_names(model_args, data_args), args)
     if model_args.use_peft:
         student = apply_lora(student, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                              model_args.lora_target_modules)

@@ -1,7 +1,7 @@
 """The embedded default for encoders: a small BERT-style masked-LM teacher, built offline, once.
 
-Built the same way as the causal default (``llm_distill.tiny``), on top of it: :func:`build_mlm_teacher` first
-calls ``tiny.build()`` (corpus = the standard library's sources split by file, byte-level BPE tokenizer, which
+Built the same way as the causal default (``llm_distill.embedded.causal``), on top of it: :func:`build_mlm_teacher` first
+calls ``causal.build()`` (corpus = the standard library's sources split by file, byte-level BPE tokenizer, which
 already has ``<|mask|>`` as its mask token), then pretrains a ``BertForMaskedLM`` with BERT's masking (30% of the
 tokens; 80% ``<mask>`` / 10% random / 10% unchanged) on a deterministic sample of the train split, and saves it
 with ``save_pretrained`` next to a copy of the tokenizer. Configs refer to it as ``embedded:mlm_teacher``; the
@@ -10,7 +10,7 @@ held-out split (``embedded:heldout``) is shared with the causal default.
 The recipe is its own frozen dataclass with its own cache folder (``embedded-mlm-<hash>``, the hash covering this
 recipe *and* the causal recipe it builds on), so changing it never invalidates the causal cache or its figures.
 
-    python -m llm_distill.tiny_mlm            # build (or show) the cache
+    python -m llm_distill.embedded --mlm            # build (or show) the cache
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
-from llm_distill import tiny
+from llm_distill.data import masked_lm_collator
+from llm_distill.embedded import causal
 from llm_distill.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -61,14 +62,14 @@ class TinyMLMRecipe:
     batch_size: int = 16
     lr: float = 1e-3
 
-    def digest(self, base: tiny.TinyRecipe) -> str:
+    def digest(self, base: causal.TinyRecipe) -> str:
         blob = json.dumps({"mlm": dataclasses.asdict(self), "base": base.digest()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def mlm_dir(base: tiny.TinyRecipe | None = None, recipe: TinyMLMRecipe | None = None) -> Path:
-    base, recipe = base or tiny.TinyRecipe(), recipe or TinyMLMRecipe()
-    return tiny.cache_root() / f"embedded-mlm-{recipe.digest(base)}"
+def mlm_dir(base: causal.TinyRecipe | None = None, recipe: TinyMLMRecipe | None = None) -> Path:
+    base, recipe = base or causal.TinyRecipe(), recipe or TinyMLMRecipe()
+    return causal.cache_root() / f"embedded-mlm-{recipe.digest(base)}"
 
 
 def bert_config(tokenizer, dims: dict, max_position_embeddings: int):
@@ -79,15 +80,13 @@ def bert_config(tokenizer, dims: dict, max_position_embeddings: int):
 
 
 class MaskedLMObjective(torch.nn.Module):
-    """Lets ``tiny.pretrain_causal_lm``'s loop (``model(input_ids=, labels=).loss``) pretrain a ``BertForMaskedLM``:
+    """Lets ``causal.pretrain_causal_lm``'s loop (``model(input_ids=, labels=).loss``) pretrain a ``BertForMaskedLM``:
     each batch is masked by a seeded ``DataCollatorForLanguageModeling`` (the masking the distillation runs use), and
     the MLM head runs on the masked positions only (the same loss as ``BertForMaskedLM(labels=...)``, at ~15% of
     the head's cost - on 2 CPU cores that is most of a step)."""
 
     def __init__(self, model, tokenizer, mlm_probability: float, seed: int):
         super().__init__()
-        from llm_distill.data import masked_lm_collator
-
         self.model = model
         self.collator = masked_lm_collator(tokenizer, mlm_probability, seed)
 
@@ -112,14 +111,14 @@ def sample_texts(texts: list[str], chars: int, seed: int) -> list[str]:
     return sample
 
 
-def build_mlm_teacher(base: tiny.TinyRecipe | None = None, recipe: TinyMLMRecipe | None = None,
+def build_mlm_teacher(base: causal.TinyRecipe | None = None, recipe: TinyMLMRecipe | None = None,
                       force: bool = False) -> Path:
     """Build (once) and return the folder of the embedded masked-LM teacher (model + tokenizer). Safe to call from
     many processes at once."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
-    base, recipe = base or tiny.TinyRecipe(), recipe or TinyMLMRecipe()
-    root = tiny.build(base)  # corpus + tokenizer, shared with the causal default
+    base, recipe = base or causal.TinyRecipe(), recipe or TinyMLMRecipe()
+    root = causal.build(base)  # corpus + tokenizer, shared with the causal default
     final = mlm_dir(base, recipe)
     with FileLock(str(final) + ".lock"):
         if (final / "build_info.json").exists() and not force:
@@ -130,11 +129,11 @@ def build_mlm_teacher(base: tiny.TinyRecipe | None = None, recipe: TinyMLMRecipe
         logger.warning("Building the embedded masked-LM teacher into %s (once; about 6 minutes on 2 CPU cores)", final)
         tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        texts = sample_texts(tiny.read_texts(root / "data" / "train.jsonl"), recipe.train_chars, recipe.seed)
-        blocks = tiny.pack_tokens(tokenizer, texts, recipe.seq_len)  # (N, seq_len)
+        texts = sample_texts(causal.read_texts(root / "data" / "train.jsonl"), recipe.train_chars, recipe.seed)
+        blocks = causal.pack_tokens(tokenizer, texts, recipe.seq_len)  # (N, seq_len)
         torch.manual_seed(recipe.seed)
         teacher = BertForMaskedLM(bert_config(tokenizer, recipe.teacher, recipe.max_position_embeddings))
-        tiny.pretrain_causal_lm(
+        causal.pretrain_causal_lm(
             MaskedLMObjective(teacher, tokenizer, recipe.mlm_probability, recipe.seed), blocks, recipe.steps,
             recipe.batch_size, recipe.lr, recipe.seed, desc="pretraining embedded masked-LM teacher",
         )
@@ -151,12 +150,7 @@ def build_mlm_teacher(base: tiny.TinyRecipe | None = None, recipe: TinyMLMRecipe
             "build_seconds": round(time.time() - start, 1),
         }
         (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
-        tiny._atomic_publish(tmp, final)
+        causal._atomic_publish(tmp, final)
         logger.warning("Built the embedded masked-LM teacher (BERT, %.1fM params, %d steps on %d tokens) in %s in %.0fs",
                        info["teacher_params"] / 1e6, recipe.steps, info["train_tokens"], final, time.time() - start)
     return final / "teacher"
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    print(build_mlm_teacher(force="--force" in sys.argv))

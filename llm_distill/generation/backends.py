@@ -1,0 +1,124 @@
+"""Generation backends behind one interface, ``generate(batch, seed) -> completions per prompt``.
+
+``HFBackend`` (batched, left-padded ``model.generate``; the tested default) and ``VLLMBackend`` (vLLM offline
+inference, for GPU machines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_distill.generation.arguments import GenerateArguments
+from llm_distill.generation.prompts import Prompt
+
+
+@dataclass
+class Completion:
+    """One response of the teacher to one prompt."""
+
+    token_ids: list[int]             # generated tokens, without EOS and padding
+    finish_reason: str               # "eos" or "length"
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
+class HFBackend:
+    """Batched, left-padded ``model.generate`` (the tested default backend)."""
+
+    def __init__(self, model, tokenizer, args: GenerateArguments):
+        from transformers import GenerationConfig
+
+        self.model, self.args = model.eval(), args
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        params = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                      num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+                      eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, bos_token_id=tokenizer.bos_token_id,
+                      return_dict_in_generate=True, output_logits=args.logprobs > 0)
+        if args.do_sample:
+            params.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        else:  # do not inherit sampling knobs from the model's generation_config
+            params.update(temperature=None, top_p=None, top_k=None)
+        self.generation_config = GenerationConfig(**params)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def left_pad(self, batch: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(p.input_ids) for p in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, p in enumerate(batch):
+            input_ids[i, longest - len(p.input_ids):] = torch.tensor(p.input_ids)
+            attention_mask[i, longest - len(p.input_ids):] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
+        """``num_return_sequences`` completions per prompt, in batch order."""
+        input_ids, attention_mask = self.left_pad(batch)                   # (B, P)
+        torch.manual_seed(seed)                                             # sampling draws from the global RNG
+        k = self.args.logprobs
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  generation_config=self.generation_config)
+        new = out.sequences[:, input_ids.shape[1]:].tolist()               # (B * n, <= max_new_tokens)
+        if k > 0:  # raw teacher logits (before temperature / top-k warping), one (B * n, V) tensor per step
+            top = [torch.log_softmax(step.float(), dim=-1).topk(k, dim=-1) for step in out.logits]
+        completions = []
+        for row, tokens in enumerate(new):
+            stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            tokens = tokens if stop is None else tokens[:stop]
+            c = Completion(tokens, "length" if stop is None else "eos")
+            if k > 0:
+                c.top_ids = [top[s].indices[row].tolist() for s in range(len(tokens))]
+                c.top_logprobs = [[round(v, 5) for v in top[s].values[row].tolist()] for s in range(len(tokens))]
+            completions.append(c)
+        n = self.args.num_return_sequences
+        return [completions[i * n : (i + 1) * n] for i in range(len(batch))]
+
+
+class VLLMBackend:
+    """vLLM offline inference behind the same ``generate(batch, seed)`` interface.
+
+    Not installable on the CPU machines this project is tested on, so it is covered only by the "clear
+    error when missing" test. Use a large ``batch_size`` (e.g. 1024): vLLM schedules within the call
+    (continuous batching), and each finished call is still one crash-safe append.
+    """
+
+    def __init__(self, model_path: str, tokenizer, args: GenerateArguments):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as err:
+            raise ImportError("backend=vllm needs vLLM: `pip install vllm` (Linux + CUDA GPU), or use backend=hf.") from err
+        self.args, self.SamplingParams = args, SamplingParams
+        self.eos_ids = {tokenizer.eos_token_id}
+        self.llm = LLM(model=model_path, tokenizer=args.tokenizer,
+                       dtype=args.teacher_dtype, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                       gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                       tensor_parallel_size=args.vllm_tensor_parallel_size)
+
+    def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
+        a = self.args
+        params = [self.SamplingParams(
+            n=a.num_return_sequences, max_tokens=a.max_new_tokens, seed=seed * 1_000_003 + p.index,
+            temperature=a.temperature if a.do_sample else 0.0, top_p=a.top_p if a.do_sample else 1.0,
+            top_k=(a.top_k or -1) if a.do_sample else -1, repetition_penalty=a.repetition_penalty,
+            logprobs=a.logprobs or None) for p in batch]
+        outputs = self.llm.generate([{"prompt_token_ids": p.input_ids} for p in batch], params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            comps = []
+            for o in out.outputs:
+                tokens = [t for t in o.token_ids if t not in self.eos_ids]
+                c = Completion(tokens, "eos" if o.finish_reason == "stop" else "length")
+                if a.logprobs and o.logprobs:
+                    ranked = [sorted(step.items(), key=lambda kv: -kv[1].logprob)[: a.logprobs] for step in o.logprobs]
+                    c.top_ids = [[t for t, _ in step] for step in ranked][: len(tokens)]
+                    c.top_logprobs = [[round(lp.logprob, 5) for _, lp in step] for step in ranked][: len(tokens)]
+                comps.append(c)
+            result.append(comps)
+        return result
