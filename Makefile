@@ -9,7 +9,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 1)
 ACCELERATE_1PROC := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(NPROC)
 
-.PHONY: setup demo test bench-setup bench-quality clean
+.PHONY: setup demo test test-fast bench-setup bench-quality clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: setup  ## distil the embedded teacher into the student (builds the tiny mo
 
 test: setup  ## the whole suite, no network, no GPU
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## the suite without the multi-process and end-to-end runs (marked slow)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-setup: setup  ## optional benchmark extras (liger-kernel without deps: it must not pull a CUDA torch)
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"

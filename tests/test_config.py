@@ -67,7 +67,7 @@ def test_unknown_yaml_key_is_an_error_with_a_suggestion(tmp_path):
 
 
 def test_unknown_cli_flag_is_an_error():
-    with pytest.raises((ConfigError, SystemExit)):
+    with pytest.raises(ConfigError, match=r"Unknown command-line argument\(s\): --not_a_field 1\. Run with --help"):
         parse_args_and_config(TYPES, ["--output_dir", "x", "--not_a_field", "1"])
 
 

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from llm_distill import DistillationCollator, DistillationConfig, DistillationTrainer
 from llm_distill.distributed import free_port, is_sharded, shutdown_distributed, teacher_backend
 from llm_distill.launch import build_command, launch, parse
+
+from conftest import REPO_ROOT
 from llm_distill.jobs.distill import main as run_distillation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +85,33 @@ def test_cpu_launch_starts_real_ranks_on_a_free_port():
     port = int(cmd[cmd.index("--main_process_port") + 1])
     assert 0 < port < 65536 and cmd[-3:] == ["scripts/distill.py", "--max_steps", "2"]
     assert 0 < free_port() < 65536
+
+
+RANK_PROBE = """
+import json, os, sys
+import torch, torch.distributed as dist
+from accelerate import PartialState
+state = PartialState(cpu=True)
+total = torch.tensor([state.process_index + 1.0])
+dist.all_reduce(total)  # through the process group: only real, connected ranks get 1 + 2
+info = {"rank": state.process_index, "world": state.num_processes, "sum": total.item(), "pid": os.getpid(),
+        "backend": dist.get_backend(), "port": os.environ["MASTER_PORT"]}
+open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w").write(json.dumps(info))
+"""
+
+
+@pytest.mark.slow
+def test_cpu_launch_really_starts_two_connected_gloo_ranks(tmp_path):
+    """The launcher's command is run: two processes, ranks 0 and 1 of one gloo group on the port it chose."""
+    script = tmp_path / "probe.py"
+    script.write_text(RANK_PROBE)
+    done = launch(str(script), [str(tmp_path)], cpu_processes=2, timeout=240, capture_output=True,
+                  env={"PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    assert all(r["sum"] == 3.0 and r["backend"] == "gloo" for r in ranks)
+    assert ranks[0]["pid"] != ranks[1]["pid"] and ranks[0]["port"] == ranks[1]["port"]
 
 
 def test_launcher_passes_accelerate_options_through_and_keeps_given_or_multi_node_ports():
