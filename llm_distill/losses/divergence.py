@@ -22,6 +22,10 @@ TAIL_MASS_FLOOR = 1e-6  # smallest teacher mass outside the stored top-k (see to
 _NEG_LIMIT = torch.finfo(torch.float32).min / 4  # keeps 0 * (log 0 - x) at 0 instead of NaN
 
 
+def _check_loss_type(loss_type: str) -> None:
+    check_field(loss_type in LOSS_TYPES, "loss_type", loss_type, f"one of {', '.join(LOSS_TYPES)}")
+
+
 @dataclass(frozen=True)
 class Divergence:
     """The divergence settings, one object from the config to the innermost chunk: validated here, once.
@@ -36,7 +40,7 @@ class Divergence:
     skew_lambda: float = 0.1
 
     def __post_init__(self):
-        check_field(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
+        _check_loss_type(self.loss_type)
         check_field(self.temperature > 0, "temperature", self.temperature, "a number > 0 (e.g. 1.0 or 2.0)")
         check_field(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "a number in [0, 1]")
         check_field(0.0 <= self.skew_lambda < 1.0, "skew_lambda", self.skew_lambda, "a number in [0, 1)")
@@ -46,7 +50,7 @@ class Divergence:
         """The settings as the functional API (``token_divergence``, ``distillation_loss`` ...) has always taken them:
         only ``loss_type`` is checked, so parameter endpoints outside the config's ranges (``skew_lambda=1``, which
         the gradient-parity tests use) stay computable."""
-        check_field(loss_type in LOSS_TYPES, "loss_type", loss_type, f"one of {', '.join(LOSS_TYPES)}")
+        _check_loss_type(loss_type)
         settings = object.__new__(cls)
         for name, value in zip(("loss_type", "temperature", "jsd_beta", "skew_lambda"),
                                (loss_type, temperature, jsd_beta, skew_lambda)):
