@@ -191,7 +191,8 @@ class DistillationConfig(TrainingArguments):
         for name in ("alpha_hidden", "alpha_attn_relation", "alpha_attn_map", "alpha_rkd", "rkd_angle_weight"):
             value = getattr(self, name)
             check_field(math.isfinite(value) and value >= 0.0, name, value, "a number >= 0 (0 = off)")
-        check_field(self.hidden_loss in HIDDEN_LOSSES, "hidden_loss", self.hidden_loss, f"one of {', '.join(HIDDEN_LOSSES)}")
+        check_field(self.hidden_loss in HIDDEN_LOSSES, "hidden_loss", self.hidden_loss,
+                    f"one of {', '.join(HIDDEN_LOSSES)}")
         check_field(self.relation_heads is None or self.relation_heads >= 1, "relation_heads", self.relation_heads,
                     "an integer >= 1, or null (the student's head count)")
         check_layer_spec(self.hidden_layer_map, "hidden_layer_map")

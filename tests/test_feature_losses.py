@@ -36,7 +36,8 @@ def relation_by_hand(x, R, key_mask, causal):
     out = torch.zeros(B, R, S, S, dtype=torch.float64)
     for b, r, i in itertools.product(range(B), range(R), range(S)):
         allowed = [j for j in range(S) if key_mask[b, j] and (not causal or j <= i)]
-        scores = {j: float(x[b, i, r * dr:(r + 1) * dr] @ x[b, j, r * dr:(r + 1) * dr]) / math.sqrt(dr) for j in allowed}
+        head = x[b, :, r * dr:(r + 1) * dr]  # (S, W/R)
+        scores = {j: float(head[i] @ head[j]) / math.sqrt(dr) for j in allowed}
         z = sum(math.exp(v) for v in scores.values())
         for j in allowed:
             out[b, r, i, j] = math.exp(scores[j]) / z

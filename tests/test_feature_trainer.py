@@ -184,3 +184,7 @@ def test_feature_settings_are_checked_and_name_the_field(tmp_path, kw, message):
 def test_a_layer_outside_the_models_is_refused_before_training(tiny_tokenizer, llama_factory, tmp_path):
     with pytest.raises(ValueError, match="the teacher has 3 layers .* layer 5 does not exist"):
         feature_trainer(tiny_tokenizer, llama_factory, tmp_path / "out", alpha_hidden=1.0, hidden_layer_map="0:5")
+    with pytest.raises(ValueError, match="the student has 2 heads and the teacher 4"):
+        feature_trainer(tiny_tokenizer, llama_factory, tmp_path / "out", alpha_attn_map=1.0,
+                        student=llama_factory(seed=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                              num_key_value_heads=1))

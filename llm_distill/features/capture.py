@@ -55,8 +55,8 @@ def attention_module(block: torch.nn.Module) -> torch.nn.Module:
     for _, module in block.named_modules():
         if hasattr(module, "c_attn") or any(all(hasattr(module, n) for n in names) for names in _SEPARATE):
             return module
-    raise ValueError(f"Feature distillation: no attention projections (q_proj/k_proj/v_proj, query/key/value or c_attn) "
-                     f"in {type(block).__name__}: attention relations / maps are not supported for this model.")
+    raise ValueError("Feature distillation: no attention projections (q_proj/k_proj/v_proj, query/key/value or "
+                     f"c_attn) in {type(block).__name__}: attention relations / maps are not supported for this model.")
 
 
 @dataclass

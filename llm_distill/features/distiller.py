@@ -90,6 +90,12 @@ class FeatureDistiller:
         self.relation_pair = (resolve_pairs(settings.relation_layers, ns, nt, "relation_layers")[0]
                               if settings.alpha_attn_relation > 0 else None)
         self.relation_heads = settings.relation_heads or _config(student).num_attention_heads
+        if settings.alpha_attn_map > 0:
+            heads = [getattr(_config(m), "num_attention_heads", None) or _config(m).n_head for m in (student, teacher)]
+            if heads[0] != heads[1]:
+                raise ValueError(f"alpha_attn_map={settings.alpha_attn_map}: TinyBERT's attention-map loss pairs heads "
+                                 f"one to one, but the student has {heads[0]} heads and the teacher {heads[1]}. Set "
+                                 "alpha_attn_map to 0 and use alpha_attn_relation (MiniLMv2), which needs no match.")
         hidden_pairs = self.pairs if settings.alpha_hidden > 0 else []
         rkd = [(ns - 1, nt - 1)] if settings.alpha_rkd > 0 else []
         qkv = (self.pairs if settings.alpha_attn_map > 0 else []) + ([self.relation_pair] if self.relation_pair else [])

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_distill.checks import check_field
-from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, config_from_dict, parse_args_and_config
+from llm_distill.config import (
+    DataArguments,
+    DistillationConfig,
+    ModelArguments,
+    config_from_dict,
+    parse_args_and_config,
+)
 from llm_distill.ensemble import EnsembleLM
 from llm_distill.jobs.distill import REPO_ROOT, run_distillation
 from llm_distill.models import load_lm
