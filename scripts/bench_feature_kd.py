@@ -107,13 +107,17 @@ def main() -> None:
             for r in results[model].values():
                 r["rel_ppl_change"] = r["ppl"]["mean"] / reference["mean"] - 1.0
                 r["beyond_spread"] = (reference["mean"] - r["ppl"]["mean"]) > (reference["std"] + r["ppl"]["std"])
-    report = {"command": "python " + " ".join(sys.argv), "steps": opts.steps, "seeds": opts.seeds,
-              "wall_time_s": time.time() - start, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "results": results}
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(report, indent=2))
+    run = {"command": "python " + " ".join(sys.argv), "steps": opts.steps, "seeds": opts.seeds,
+           "wall_time_s": time.time() - start, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__}
+    out = Path(opts.out)
+    report = json.loads(out.read_text()) if out.is_file() else {"runs": {}, "results": {}}
+    for model in results:  # other models' results from an earlier invocation are kept, each with its command
+        report["runs"][model], report["results"][model] = run, results[model]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print("\n" + table(results))
-    print(f"\nwall time {report['wall_time_s']:.0f}s -> {opts.out}")
+    print(f"\nwall time {run['wall_time_s']:.0f}s -> {opts.out}")
 
 
 if __name__ == "__main__":
