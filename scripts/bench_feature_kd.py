@@ -2,6 +2,7 @@
 
     python scripts/bench_feature_kd.py                          # writes bench_results/feature_kd.json
     python scripts/bench_feature_kd.py --steps 120 --seeds 0 1 2 3 --models decoder
+    python scripts/bench_feature_kd.py --steps 40 --max_length 128 --batch_size 4   # a busy 2-core machine
 
 Every run of one model starts from the same student, sees the same data in the same order for the same number of
 steps with the same learning rate and seed; the runs differ only in the loss:
@@ -55,6 +56,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--max_eval_samples", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=None, help="override the configs' sequence length")
+    parser.add_argument("--batch_size", type=int, default=None, help="override per_device_train_batch_size")
     parser.add_argument("--out", default="bench_results/feature_kd.json")
     parser.add_argument("--workdir", default="outputs/bench_feature_kd")
     return parser.parse_args()
@@ -66,6 +69,10 @@ def one_run(model: str, variant: str, seed: int, opts) -> dict:
               "logging_steps": max(opts.steps // 4, 1), "max_eval_samples": opts.max_eval_samples,
               "warmup_steps": max(opts.steps // 20, 1), "output_dir": f"{opts.workdir}/{model}-{variant}-{seed}",
               "report_to": "none", "disable_tqdm": True}
+    if opts.max_length:
+        values["max_length"] = opts.max_length
+    if opts.batch_size:
+        values["per_device_train_batch_size"] = opts.batch_size
     result = run_distillation(*config_from_dict(TYPES, values, base=base))
     return {"ppl": result["student_perplexity_after"], "top1": result["top1_agreement_after"],
             "teacher_ppl": result["teacher_perplexity"], "train_s": result["train_runtime_s"]}
