@@ -10,6 +10,11 @@ last hidden states. It lives on the trainer, not in the student (whose ``save_pr
 model): it is added to the optimiser (``create_optimizer``), clipped with the student (``_clip_grad_norm``),
 synchronised by its own DDP wrapper, and saved / restored with each checkpoint (``_save_checkpoint`` /
 ``_load_from_checkpoint``, file ``hidden_projection.safetensors``).
+
+Feature-level KD (``llm_distill.features``: hidden-layer maps, MiniLMv2 relations, TinyBERT attention maps, RKD) is
+one composed object, ``FeatureDistiller``: its hooks record both models' features during the forwards of
+``compute_loss`` and it returns the extra terms; its per-layer projections are one more trainer-owned module
+(``_trainer_owned``) handled like the triple loss's, in ``feature_projections.safetensors``.
 """
 
 from __future__ import annotations
