@@ -58,6 +58,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--max_eval_samples", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=None, help="override the configs' sequence length")
     parser.add_argument("--batch_size", type=int, default=None, help="override per_device_train_batch_size")
+    parser.add_argument("--base", action="append", default=[], metavar="MODEL=YAML",
+                        help="another base config for decoder / encoder (e.g. real models), repeatable")
     parser.add_argument("--out", default="bench_results/feature_kd.json")
     parser.add_argument("--workdir", default="outputs/bench_feature_kd")
     return parser.parse_args()
@@ -65,6 +67,7 @@ def parse() -> argparse.Namespace:
 
 def one_run(model: str, variant: str, seed: int, opts) -> dict:
     base, shared = MODELS[model]
+    base = dict(b.split("=", 1) for b in opts.base).get(model, base)
     values = {**shared, **VARIANTS[variant], "max_steps": opts.steps, "seed": seed, "save_strategy": "no",
               "logging_steps": max(opts.steps // 4, 1), "max_eval_samples": opts.max_eval_samples,
               "warmup_steps": max(opts.steps // 20, 1), "output_dir": f"{opts.workdir}/{model}-{variant}-{seed}",
