@@ -47,6 +47,17 @@ from llm_distill.speculative import (
 )
 from llm_distill.offline_kd import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
+# feature-level distillation (issue 17)
+from llm_distill.ensemble import EnsembleLM
+from llm_distill.features import (
+    FeatureCapture,
+    FeatureDistiller,
+    FeatureSettings,
+    attention_map_loss,
+    attention_relation_loss,
+    hidden_map_loss,
+    rkd_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -110,4 +121,13 @@ __all__ = [
     "evaluate_models",
     "ConfigError",
     "parse_args_and_config",
+    # feature-level distillation, born-again ensembles
+    "FeatureCapture",
+    "FeatureDistiller",
+    "FeatureSettings",
+    "attention_map_loss",
+    "attention_relation_loss",
+    "hidden_map_loss",
+    "rkd_loss",
+    "EnsembleLM",
 ]

@@ -22,6 +22,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from llm_distill.checks import DTYPES, check_field
+from llm_distill.features.distiller import FeatureSettings
+from llm_distill.features.layer_map import check_spec as check_layer_spec
+from llm_distill.features.losses import HIDDEN_LOSSES
 from llm_distill.losses import LOSS_TYPES, Divergence, LossWeights
 
 STUDENT_INITS = ("pretrained", "teacher_layers", "fresh")
@@ -112,6 +115,46 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Masked-LM teachers: fraction of tokens masked per training sequence (BERT's 80% "
                           "<mask> / 10% random / 10% unchanged), and of the fixed held-out masking."},
     )
+    # --- Feature-level distillation (issue 17; llm_distill.features, docs/feature-kd.md). All weights 0 = off. ---
+    hidden_layer_map: str = field(
+        default="uniform",
+        metadata={"help": "Hidden-layer map for alpha_hidden / alpha_attn_map: 'student:teacher' pairs of 0-based "
+                          "block indices, e.g. '0:1,1:3' (negative = from the end), or 'uniform' (student block i <- "
+                          "teacher block (i+1)*Lt/Ls - 1, TinyBERT's). A learned projection per mapped layer when "
+                          "the widths differ (saved in checkpoints, never in the student)."},
+    )
+    hidden_loss: str = field(
+        default="mse", metadata={"help": f"Loss between mapped hidden states, one of {', '.join(HIDDEN_LOSSES)}."}
+    )
+    alpha_hidden: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-layer map loss (FitNets / TinyBERT; >= 0, 0 = off)."}
+    )
+    alpha_attn_relation: float = field(
+        default=0.0,
+        metadata={"help": "Weight of MiniLMv2's self-attention relation KD (Q-Q, K-K, V-V relations, KL at the "
+                          "valid positions; >= 0, 0 = off). Needs no width or head-count match."},
+    )
+    relation_heads: int | None = field(
+        default=None,
+        metadata={"help": "MiniLMv2 relation heads R (must divide both models' num_heads x head_dim); default: the "
+                          "student's number of attention heads."},
+    )
+    relation_layers: str = field(
+        default="-1:-1",
+        metadata={"help": "The one 'student:teacher' layer pair for the relation KD (MiniLMv2: the last layer for "
+                          "base-size teachers, an upper-middle one for large ones)."},
+    )
+    alpha_attn_map: float = field(
+        default=0.0,
+        metadata={"help": "Weight of TinyBERT's attention-map loss on the hidden_layer_map pairs (same number of "
+                          "heads needed; maps recomputed from the captured Q/K, so SDPA works; >= 0, 0 = off)."},
+    )
+    alpha_rkd: float = field(
+        default=0.0,
+        metadata={"help": "Weight of relational KD (Park et al. 2019: distance + rkd_angle_weight x angle relations "
+                          "between the batch's mean-pooled last-block embeddings; >= 0, 0 = off)."},
+    )
+    rkd_angle_weight: float = field(default=2.0, metadata={"help": "RKD's angle weight (the paper's 2; >= 0)."})
 
     def __post_init__(self):
         self.divergence  # noqa: B018 - builds the settings, which check loss_type / temperature / jsd_beta / skew_lambda
@@ -119,6 +162,7 @@ class DistillationConfig(TrainingArguments):
         check_field(self.loss_chunk_size >= 0, "loss_chunk_size", self.loss_chunk_size,
                "an integer >= 0 (e.g. 1024; 0 = plain full-logits path)")
         self._check_triple_loss()
+        self._check_feature_kd()
         super().__post_init__()
 
     def _check_triple_loss(self) -> None:
@@ -143,6 +187,28 @@ class DistillationConfig(TrainingArguments):
             raise ValueError("kd_positions=all needs a live teacher: stored teacher logits cover the label positions "
                              "only. Use kd_positions=labels with teacher_logits.")
 
+    def _check_feature_kd(self) -> None:
+        for name in ("alpha_hidden", "alpha_attn_relation", "alpha_attn_map", "alpha_rkd", "rkd_angle_weight"):
+            value = getattr(self, name)
+            check_field(math.isfinite(value) and value >= 0.0, name, value, "a number >= 0 (0 = off)")
+        check_field(self.hidden_loss in HIDDEN_LOSSES, "hidden_loss", self.hidden_loss,
+                    f"one of {', '.join(HIDDEN_LOSSES)}")
+        check_field(self.relation_heads is None or self.relation_heads >= 1, "relation_heads", self.relation_heads,
+                    "an integer >= 1, or null (the student's head count)")
+        check_layer_spec(self.hidden_layer_map, "hidden_layer_map")
+        check_layer_spec(self.relation_layers, "relation_layers")
+        if len(self.relation_layers.split(",")) != 1:
+            raise ValueError(f"relation_layers={self.relation_layers!r}: MiniLMv2 distils one layer pair; give one "
+                             "'student:teacher' pair, e.g. '-1:-1'.")
+        if self.teacher_logits and self.feature_settings().active:
+            raise ValueError(f"alpha_hidden / alpha_attn_relation / alpha_attn_map / alpha_rkd need the teacher's "
+                             f"activations, but teacher_logits={self.teacher_logits!r} (offline KD) loads no teacher: "
+                             "set them to 0, or unset teacher_logits.")
+
+    def feature_settings(self) -> FeatureSettings:
+        """The feature-KD block as the one object ``FeatureDistiller`` takes."""
+        return FeatureSettings(**{f.name: getattr(self, f.name) for f in fields(FeatureSettings)})
+
     @property
     def divergence(self) -> Divergence:
         """The KD divergence settings as the one object the losses take (validated when it is built)."""
@@ -165,7 +231,7 @@ class DistillationConfig(TrainingArguments):
     def needs_teacher(self) -> bool:
         """Whether training runs a live teacher (a KD term without stored logits, or a hidden-state term)."""
         weights = self.loss_weights()
-        return (weights.kd > 0.0 and not self.teacher_logits) or weights.uses_hidden
+        return (weights.kd > 0.0 and not self.teacher_logits) or weights.uses_hidden or self.feature_settings().active
 
 
 @dataclass

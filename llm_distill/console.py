@@ -26,6 +26,8 @@ VERBS = {
                     "scripts/distillspec.py"),
     "bench-speculative": ("bench_speculative", "measure speculative decoding: acceptance rate and speedup",
                           "scripts/bench_speculative.py"),
+    "born-again": ("born_again", "born-again generations: a same-size student taught by its predecessor",
+                   "scripts/born_again.py"),
 }
 
 

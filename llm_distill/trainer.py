@@ -10,10 +10,17 @@ last hidden states. It lives on the trainer, not in the student (whose ``save_pr
 model): it is added to the optimiser (``create_optimizer``), clipped with the student (``_clip_grad_norm``),
 synchronised by its own DDP wrapper, and saved / restored with each checkpoint (``_save_checkpoint`` /
 ``_load_from_checkpoint``, file ``hidden_projection.safetensors``).
+
+Feature-level KD (``llm_distill.features``: hidden-layer maps, MiniLMv2 relations, TinyBERT attention maps, RKD) is
+one composed object, ``FeatureDistiller``: its hooks record both models' features during the forwards of
+``compute_loss`` and it returns the extra terms; its per-layer projections are one more trainer-owned module
+(``_trainer_owned``) handled like the triple loss's, in ``feature_projections.safetensors``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 
@@ -25,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from llm_distill.config import DistillationConfig
 from llm_distill.data import DistillationCollator
 from llm_distill.distributed import prepare_teacher
+from llm_distill.features import FeatureDistiller
 from llm_distill.head_features import LMHeadPath
 from llm_distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_loss, with_hidden_terms
 from llm_distill.models import check_vocab_compatible, load_lm
@@ -39,6 +47,7 @@ from llm_distill.offline_kd import (
 logger = logging.getLogger(__name__)
 
 PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoint folders, next to the student's weights
+FEATURE_PROJECTION_FILE = "feature_projections.safetensors"  # the hidden-layer map's projections (features/)
 
 
 class DistillationTrainer(Trainer):
@@ -91,6 +100,8 @@ class DistillationTrainer(Trainer):
         # Denominators of the terms not normalised by the label count, per optimiser step (get_batch_samples).
         self._position_counts = None
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        # Feature-level KD (hidden-layer map, attention relations / maps, RKD): hooks + its own learned projections.
+        self.feature_distiller = self._make_feature_distiller(model)
         # Fused lm_head path or logits fallback, decided per model on the first batch (llm_distill.head_features).
         self._lm_head_paths = {"student": LMHeadPath("student"), "teacher": LMHeadPath("teacher")}
         # Each loss term accumulated since the last log (detached; reduced across ranks at log time).
@@ -128,24 +139,30 @@ class DistillationTrainer(Trainer):
                          divergence=self.divergence)
         # Memory-lean path (default): chunked fp32 loss from final hidden states + lm_head, never the B x S x V
         # logits; offline KD (stored top-k teacher logits) always takes it. return_outputs callers want logits.
-        if (args.loss_chunk_size > 0 or TOPK_COLUMNS[0] in inputs) and not return_outputs:
-            out, outputs, hidden = self._memory_lean_loss(model, model_inputs, inputs, kd_kwargs)
-        else:
-            out, outputs, hidden = self._plain_loss(model, model_inputs, labels, kd_kwargs)
+        with self.feature_distiller.capturing() if self.feature_distiller is not None else contextlib.nullcontext():
+            if (args.loss_chunk_size > 0 or TOPK_COLUMNS[0] in inputs) and not return_outputs:
+                out, outputs, hidden = self._memory_lean_loss(model, model_inputs, inputs, kd_kwargs)
+            else:
+                out, outputs, hidden = self._plain_loss(model, model_inputs, labels, kd_kwargs)
         if weights.uses_hidden:  # the triple loss's cosine / MSE terms on the last hidden states
             out = with_hidden_terms(out, hidden_state_loss(
                 *hidden, attention_mask, cos_weight=weights.cos, mse_weight=weights.mse, projection=self._projection,
                 num_items_in_batch=counts[1] if counts is not None else None), weights)
+        feature_terms = {}
+        if self.feature_distiller is not None:  # per-position terms share the hidden-state denominator
+            extra, feature_terms = self.feature_distiller(attention_mask, counts[1] if counts is not None else None)
+            out = dataclasses.replace(out, loss=out.loss + extra)
         loss = out.loss
         # Trainer's convention (see Trainer.compute_loss): with a global token count, DDP's gradient *mean*
         # must be undone by the world size so the result is the mean over all ranks' tokens.
         if args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes
-        self._record_terms(out, num_items_in_batch)
+        self._record_terms(out, num_items_in_batch, feature_terms)
         return (loss, outputs) if return_outputs else loss
 
     def _run_teacher(self) -> bool:
-        return self.teacher_model is not None and (self.loss_weights.kd > 0 or self.loss_weights.uses_hidden)
+        return self.teacher_model is not None and (self.loss_weights.kd > 0 or self.loss_weights.uses_hidden
+                                                   or self.feature_distiller is not None)
 
     def _plain_loss(self, model, model_inputs, labels, kd_kwargs):
         """The readable reference: full logits of both models (``loss_chunk_size: 0``)."""
@@ -189,7 +206,7 @@ class DistillationTrainer(Trainer):
         """``(kd positions, hidden-state positions)`` of this optimiser step's micro-batches (all ranks when Trainer
         counts ``num_items_in_batch`` over all ranks): the denominators of the KD term with ``kd_positions=all`` and
         of the cosine / MSE terms, so that they too are exact token means under gradient accumulation and DDP."""
-        if self.args.kd_positions == "labels" and not self.loss_weights.uses_hidden:
+        if self.args.kd_positions == "labels" and not self.loss_weights.uses_hidden and self.feature_distiller is None:
             return None
         kd_positions = hidden_positions = 0
         for batch in batch_samples:  # tensor sums: no host sync per micro-batch
@@ -202,7 +219,7 @@ class DistillationTrainer(Trainer):
             counts = self.accelerator.gather(counts[None]).sum(0)  # (world, 2) -> (2,)
         return counts
 
-    def _record_terms(self, out, num_items_in_batch) -> None:
+    def _record_terms(self, out, num_items_in_batch, feature_terms: dict | None = None) -> None:
         """Accumulate each term the way Trainer accumulates ``loss``, so that the logged values satisfy
         ``loss == alpha * kd_loss + (1 - alpha) * ce_loss`` (with the triple loss: ``alpha_kd * kd_loss +
         alpha_mlm|clm * ce_loss + alpha_cos * cos_loss + alpha_mse * mse_loss``): a micro-batch term is already
@@ -214,7 +231,7 @@ class DistillationTrainer(Trainer):
         # the token mean over the whole eval set and all ranks (not a mean of batch or rank means).
         weight = out.num_tokens.float().detach() if mode == "eval" else 1.0
         terms = (("kd_loss", out.kd_loss), ("ce_loss", out.ce_loss), ("cos_loss", out.cos_loss),
-                 ("mse_loss", out.mse_loss))
+                 ("mse_loss", out.mse_loss), *(feature_terms or {}).items())
         for name, value in terms:
             if value is None or (name == "kd_loss" and ((self.teacher_model is None and not self.args.teacher_logits)
                                                         or self.loss_weights.kd == 0)):
@@ -270,53 +287,85 @@ class DistillationTrainer(Trainer):
         hs, ht = student.config.hidden_size, teacher.config.hidden_size
         if hs == ht:
             return None, None
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(f"Student hidden size {hs} != teacher hidden size {ht}: the learned projection that "
-                             "alpha_cos / alpha_mse then need is supported on one device and under DDP, not under "
-                             "FSDP / DeepSpeed. Use a student of the teacher's width (student_init: teacher_layers), "
-                             "or unset alpha_cos / alpha_mse.")
+        self._check_projection_backend(f"Student hidden size {hs} != teacher hidden size {ht}: the learned "
+                                       "projection that alpha_cos / alpha_mse then need", "alpha_cos / alpha_mse")
         projection = torch.nn.Linear(hs, ht, bias=False).to(self.args.device)  # seeded: Trainer set the seed
         logger.info("Triple loss: student hidden size %d != teacher's %d, training a linear projection (saved in "
                     "checkpoints as %s, not in the student).", hs, ht, PROJECTION_FILE)
+        return projection, self._for_ddp(projection)
+
+    def _make_feature_distiller(self, student) -> FeatureDistiller | None:
+        """The feature-KD terms (``llm_distill.features``) when any of their weights is > 0, else ``None`` (no hook,
+        no projection: the run is exactly the one without them)."""
+        settings = self.args.feature_settings()
+        if self.teacher_model is None or not settings.active:
+            return None
+        distiller = FeatureDistiller(settings, student, self.teacher_model, causal=self._shift_labels)
+        if distiller.projections is not None:
+            self._check_projection_backend("The hidden-layer map pairs layers of different widths: its learned "
+                                           "projections", "alpha_hidden")
+            distiller.projections.to(self.args.device)
+            distiller.project = self._for_ddp(distiller.projections)
+            logger.info("Feature KD: training projections for student layers %s (saved in checkpoints as %s, not in "
+                        "the student).", list(distiller.projections.maps), FEATURE_PROJECTION_FILE)
+        return distiller
+
+    def _check_projection_backend(self, what: str, weights: str) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(f"{what} are supported on one device and under DDP, not under FSDP / DeepSpeed. Use a "
+                             f"student of the teacher's width (student_init: teacher_layers), or set {weights} to 0.")
+
+    def _for_ddp(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` itself on one process, else its own DDP wrapper (gradients averaged like the student's)."""
         if self.accelerator.num_processes == 1:
-            return projection, projection
+            return module
         device = self.accelerator.device
         ids = [device.index if device.index is not None else self.accelerator.local_process_index] \
             if device.type == "cuda" else None
-        return projection, torch.nn.parallel.DistributedDataParallel(projection, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def _trainer_owned(self) -> dict[str, torch.nn.Module]:
+        """Modules trained with the student but not part of it: checkpoint file name -> module."""
+        owned = {PROJECTION_FILE: self.hidden_projection}
+        distiller = getattr(self, "feature_distiller", None)
+        owned[FEATURE_PROJECTION_FILE] = distiller.projections if distiller is not None else None
+        return {name: module for name, module in owned.items() if module is not None}
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        proj = self.hidden_projection
-        if proj is not None and not any(p is proj.weight for g in optimizer.param_groups for p in g["params"]):
-            optimizer.add_param_group({"params": list(proj.parameters()), "weight_decay": self.args.weight_decay})
+        for module in self._trainer_owned().values():
+            params = list(module.parameters())
+            if any(p is q for g in optimizer.param_groups for p in g["params"] for q in params):
+                continue
+            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
             # Trainer zeroes only the student's gradients after each step (model.zero_grad()): zero ours too.
-            optimizer.register_step_post_hook(lambda *_: proj.zero_grad(set_to_none=True))
+            optimizer.register_step_post_hook(lambda *_, m=module: m.zero_grad(set_to_none=True))
         return optimizer
 
     def _clip_grad_norm(self, model):
-        if self.hidden_projection is None:
+        owned = self._trainer_owned()
+        if not owned:
             return super()._clip_grad_norm(model)
-        params = [*model.parameters(), *self.hidden_projection.parameters()]
+        params = [*model.parameters(), *(p for m in owned.values() for p in m.parameters())]
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self.hidden_projection is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_file({k: v.contiguous() for k, v in self.hidden_projection.state_dict().items()},
-                      os.path.join(folder, PROJECTION_FILE))
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        for name, module in self._trainer_owned().items():
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.hidden_projection is None:
-            return
-        path = os.path.join(resume_from_checkpoint, PROJECTION_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: this run trains a hidden-state projection (alpha_cos / "
-                                    "alpha_mse with different hidden sizes) but the checkpoint was saved without one. "
-                                    "Resume with the settings that wrote it, or start a fresh run.")
-        self.hidden_projection.load_state_dict(load_file(path, device=str(self.args.device)))
+        for name, module in self._trainer_owned().items():
+            path = os.path.join(resume_from_checkpoint, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: this run trains a projection (alpha_cos / alpha_mse, or "
+                                        "alpha_hidden, with different hidden sizes) that the checkpoint was saved "
+                                        "without. Resume with the settings that wrote it, or start a fresh run.")
+            module.load_state_dict(load_file(path, device=str(self.args.device)))
 
 
 def _last_hidden(outputs) -> torch.Tensor | None:

@@ -152,14 +152,18 @@ def main(argv: list[str]) -> dict:
     return results
 
 
-def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict:
+def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig,
+                     teacher_override=None) -> dict:
     """Train ``args.output_dir``'s student and return the held-out report (also written to
-    ``<output_dir>/distill_results.json``)."""
+    ``<output_dir>/distill_results.json``). ``teacher_override``: a ready teacher module that replaces the loaded
+    ``teacher_model`` (e.g. a born-again ensemble; ``teacher_model`` still names the tokenizer / model kind)."""
     if args.include_num_input_tokens_seen in ("no", False):
         args.include_num_input_tokens_seen = "non_padding"  # for the tokens/s figure in the report
     set_seed(args.seed)
     start = time.time()
     tokenizer, teacher, student, train_ds, eval_ds = load_everything(*resolve_names(model_args, data_args), args)
+    if teacher_override is not None:
+        teacher = teacher_override
     if model_args.use_peft:
         student = apply_lora(student, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                              model_args.lora_target_modules)
