@@ -47,6 +47,9 @@ from llm_distill.speculative import (
 )
 from llm_distill.offline_kd import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
+from llm_distill.sparsity import GradualPruningCallback, magnitude_mask, scheduled_sparsity, sparsity_report
+from llm_distill.quantization import prepare_qat, quantize_pretrained
+from llm_distill.export import OnnxCausalLM, export_onnx
 
 __version__ = "0.1.0"
 
@@ -110,4 +113,13 @@ __all__ = [
     "evaluate_models",
     "ConfigError",
     "parse_args_and_config",
+    # compression: gradual sparsity, quantization, ONNX export (issue 16)
+    "GradualPruningCallback",
+    "magnitude_mask",
+    "scheduled_sparsity",
+    "sparsity_report",
+    "prepare_qat",
+    "quantize_pretrained",
+    "OnnxCausalLM",
+    "export_onnx",
 ]

@@ -26,6 +26,8 @@ VERBS = {
                     "scripts/distillspec.py"),
     "bench-speculative": ("bench_speculative", "measure speculative decoding: acceptance rate and speedup",
                           "scripts/bench_speculative.py"),
+    "compress": ("compress", "prune, distil, sparsify, quantize and export a student, scored per stage",
+                 "scripts/compress.py"),
 }
 
 

@@ -72,7 +72,7 @@ def export_onnx(model, output_dir: str | Path) -> Path:
     path = Path(output_dir) / ONNX_FILE
     with torch.no_grad():
         program = torch.onnx.export(
-            _WithCache(model.eval()), (ids, mask, past_kv), dynamo=True, input_names=names_in,
+            _WithCache(model.eval()).eval(), (ids, mask, past_kv), dynamo=True, input_names=names_in,
             output_names=names_out, verbose=False,
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                             "past_key_values": [{0: batch, 2: past}] * (2 * layers)})
