@@ -89,3 +89,24 @@ def test_onnx_greedy_generation_with_kv_cache_matches_pytorch(exported):
     got = onnx.generate(prompt.numpy(), 24)
     assert got.shape == (1, 32)
     assert got.tolist() == expected.tolist()
+
+
+def test_distill_job_with_qat_writes_the_int8_student(saved_pair, tmp_path):
+    from llm_distill.config import DataArguments, ModelArguments, config_from_dict
+    from llm_distill.jobs.distill import run_distillation
+
+    values = {"teacher_model": str(saved_pair["teacher"]), "student_model": str(saved_pair["student"]),
+              "dataset": str(saved_pair["train"]), "eval_dataset": str(saved_pair["eval"]), "max_length": 32,
+              "packing": True, "max_train_samples": 8, "output_dir": str(tmp_path / "out"), "max_steps": 2,
+              "per_device_train_batch_size": 4, "report_to": "none", "save_strategy": "no", "use_cpu": True,
+              "alpha": 1.0, "qat": "int8", "target_sparsity": 0.5, "sparsity_end_step": 1, "sparsity_every": 1}
+    results = run_distillation(*config_from_dict((ModelArguments, DataArguments, DistillationConfig), values))
+    assert results["qat"] == "int8" and results["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    fp32 = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    int8 = AutoModelForCausalLM.from_pretrained(results["quantized_dir"])
+    assert type(int8.model.layers[0].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert file_size(results["quantized_dir"]) < file_size(tmp_path / "out")
+    ids = _ids(fp32.config.vocab_size)
+    with torch.no_grad():
+        assert not torch.equal(int8(ids).logits, fp32(ids).logits)
+    assert count_parameters(int8)["nonzeros"] <= count_parameters(fp32)["nonzeros"]  # the zeros survive int8
