@@ -34,7 +34,8 @@ def test_compress_runs_every_stage_end_to_end(tmp_path, saved_pair, capsys):
     results = main(["--config", "configs/compress.yaml", *_miniature(tmp_path, saved_pair)])
     rows = {r["stage"]: r for r in results["rows"]}
     assert list(rows) == ["teacher", "prune", "distill", "sparsify unstructured 50%", "torchao int8_weight_only",
-                          "torchao int8_dynamic", "onnx fp32", "onnx int8 (ort dynamic)"]
+                          "torchao int8_dynamic", "torchao int8_weight_only+emb", "onnx fp32",
+                          "onnx int8 (ort dynamic)"]
     out = tmp_path / "out"
     for folder in ("1-prune", "2-distill", "3-sparsify", "4-quantize-int8_weight_only", "5-export-onnx"):
         assert (out / folder).is_dir(), folder
@@ -45,6 +46,7 @@ def test_compress_runs_every_stage_end_to_end(tmp_path, saved_pair, capsys):
     assert rows["sparsify unstructured 50%"]["nonzeros"] == pytest.approx(
         rows["distill"]["nonzeros"] - linear // 2, abs=linear * 0.002)
     assert rows["torchao int8_weight_only"]["file_bytes"] < rows["sparsify unstructured 50%"]["file_bytes"]
+    assert rows["torchao int8_weight_only+emb"]["file_bytes"] < rows["torchao int8_weight_only"]["file_bytes"]
     # ONNX parity shows up in the table: same held-out perplexity and agreement as the model it was exported from
     assert rows["onnx fp32"]["perplexity"] == pytest.approx(rows["sparsify unstructured 50%"]["perplexity"], rel=1e-5)
     assert rows["onnx fp32"]["nonzeros"] == rows["sparsify unstructured 50%"]["nonzeros"]

@@ -110,3 +110,20 @@ def test_distill_job_with_qat_writes_the_int8_student(saved_pair, tmp_path):
     with torch.no_grad():
         assert not torch.equal(int8(ids).logits, fp32(ids).logits)
     assert count_parameters(int8)["nonzeros"] <= count_parameters(fp32)["nonzeros"]  # the zeros survive int8
+
+
+def test_quantizing_embeddings_and_head_too_shrinks_the_file_further(llama_factory, tmp_path):
+    model = llama_factory(seed=3, hidden_size=64, intermediate_size=128)
+    model.save_pretrained(tmp_path / "fp32")
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        fp32 = model(ids).logits
+        saved = quantize_pretrained(tmp_path / "fp32", tmp_path / "q", "int8_weight_only", embeddings=True)(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        assert torch.equal(reloaded(ids).logits, saved)
+    assert type(reloaded.lm_head.weight).__name__ != "Parameter"
+    assert type(reloaded.model.embed_tokens.weight).__name__ != "Parameter"
+    assert (saved - fp32).abs().max() < 0.05 * fp32.abs().max()
+    linear_only = quantize_pretrained(tmp_path / "fp32", tmp_path / "q_linear", "int8_weight_only")
+    assert type(linear_only.lm_head.weight).__name__ == "Parameter"  # transformers' default: head stays fp32
+    assert file_size(tmp_path / "q") < 0.75 * file_size(tmp_path / "q_linear")

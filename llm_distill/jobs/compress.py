@@ -70,8 +70,10 @@ class CompressArguments:
     target_sparsity: float = field(default=0.5, metadata={"help": "Sparsify stage: share of zeros in the linear layers."})
     sparsity_pattern: str = field(default="unstructured",
                                   metadata={"help": f"Sparsify stage pattern, one of {', '.join(SPARSITY_PATTERNS)}."})
-    quantize: list[str] = field(default_factory=lambda: ["int8_weight_only", "int8_dynamic"],
-                                metadata={"help": f"Quantize stage: torchao methods, any of {', '.join(PTQ_METHODS)}."})
+    quantize: list[str] = field(
+        default_factory=lambda: ["int8_weight_only", "int8_dynamic", "int8_weight_only+emb"],
+        metadata={"help": f"Quantize stage: torchao methods, any of {', '.join(PTQ_METHODS)}; '+emb' also quantizes "
+                          "the input embeddings and the output head (left fp32 otherwise)."})
     onnx_int8: bool = field(default=True, metadata={"help": "Export stage: also write an onnxruntime dynamic-int8 "
                                                            "copy (int8 weights, int8 activations per batch)."})
     eval_dataset: str = field(default="embedded:heldout", metadata={"help": "Held-out text every stage is scored on."})
@@ -89,8 +91,8 @@ class CompressArguments:
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         check_field(self.stages and not unknown, "stages", self.stages, f"a non-empty subset of {', '.join(STAGES)}")
-        bad = [m for m in self.quantize if m not in PTQ_METHODS]
-        check_field(not bad, "quantize", self.quantize, f"methods among {', '.join(PTQ_METHODS)}")
+        bad = [m for m in self.quantize if m.removesuffix("+emb") not in PTQ_METHODS]
+        check_field(not bad, "quantize", self.quantize, f"methods among {', '.join(PTQ_METHODS)} (+emb optional)")
         check_field(self.sparsity_pattern in SPARSITY_PATTERNS, "sparsity_pattern", self.sparsity_pattern,
                     f"one of {', '.join(SPARSITY_PATTERNS)}")
         check_field(0.0 < self.target_sparsity < 1.0, "target_sparsity", self.target_sparsity, "a number in (0, 1)")
@@ -164,8 +166,8 @@ def stage_sparsify(args: CompressArguments, current: str, tokenizer) -> list[tup
 def stage_quantize(args: CompressArguments, current: str, tokenizer) -> list[tuple[str, Path, str]]:
     produced = []
     for method in args.quantize:
-        out = _stage_dir(args, "quantize", f"-{method}")
-        quantize_pretrained(current, out, method)
+        out = _stage_dir(args, "quantize", f"-{method.replace('+', '-')}")
+        quantize_pretrained(current, out, method.removesuffix("+emb"), embeddings=method.endswith("+emb"))
         tokenizer.save_pretrained(out)
         produced.append((f"torchao {method}", out, "torch"))
     return produced
