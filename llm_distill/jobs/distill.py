@@ -231,6 +231,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
 def compression_callbacks(student, args: DistillationConfig) -> list:
     """Compression while distilling: fake-quantize the student for QAT (in place) and return the gradual-pruning
     callback when ``target_sparsity`` is set (see ``llm_distill.sparsity`` / ``llm_distill.quantization``)."""
+    if (args.qat or args.target_sparsity) and hasattr(student, "peft_config"):
+        raise ValueError("target_sparsity / qat change the student's own weights, but use_peft freezes them and trains "
+                         "an adapter: set use_peft false to prune or quantize-aware train the student.")
     if args.qat:
         prepare_qat(student, args.qat)
         logger.info("QAT: the student's linear layers are fake-quantized (%s)", QAT_METHOD[args.qat])
