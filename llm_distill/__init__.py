@@ -58,6 +58,9 @@ from llm_distill.features import (
     hidden_map_loss,
     rkd_loss,
 )
+from llm_distill.sparsity import GradualPruningCallback, magnitude_mask, scheduled_sparsity, sparsity_report
+from llm_distill.quantization import prepare_qat, quantize_pretrained
+from llm_distill.export import OnnxCausalLM, export_onnx
 
 __version__ = "0.1.0"
 
@@ -130,4 +133,13 @@ __all__ = [
     "hidden_map_loss",
     "rkd_loss",
     "EnsembleLM",
+    # compression: gradual sparsity, quantization, ONNX export (issue 16)
+    "GradualPruningCallback",
+    "magnitude_mask",
+    "scheduled_sparsity",
+    "sparsity_report",
+    "prepare_qat",
+    "quantize_pretrained",
+    "OnnxCausalLM",
+    "export_onnx",
 ]

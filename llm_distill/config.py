@@ -26,6 +26,8 @@ from llm_distill.features.distiller import FeatureSettings
 from llm_distill.features.layer_map import check_spec as check_layer_spec
 from llm_distill.features.losses import HIDDEN_LOSSES
 from llm_distill.losses import LOSS_TYPES, Divergence, LossWeights
+from llm_distill.quantization import QAT_SCHEMES
+from llm_distill.sparsity import SPARSITY_PATTERNS, SPARSITY_SCOPES
 
 STUDENT_INITS = ("pretrained", "teacher_layers", "fresh")
 KD_POSITIONS = ("labels", "all")
@@ -156,6 +158,40 @@ class DistillationConfig(TrainingArguments):
     )
     rkd_angle_weight: float = field(default=2.0, metadata={"help": "RKD's angle weight (the paper's 2; >= 0)."})
 
+    # --- Compression during distillation (issue 16): gradual magnitude pruning and quantization-aware training ---
+    target_sparsity: float = field(
+        default=0.0,
+        metadata={"help": "Gradual magnitude pruning (Zhu & Gupta 2017) of the student while it is distilled: the "
+                          "share of zeros reached in each pruned weight, in [0, 1). 0 = off. With "
+                          "sparsity_pattern=2:4 it must be 0.5."},
+    )
+    sparsity_pattern: str = field(
+        default="unstructured",
+        metadata={"help": f"One of {', '.join(SPARSITY_PATTERNS)}: unstructured = smallest weights of each layer; "
+                          "2:4 = two zeros in every 4 consecutive inputs of each row (semi-structured)."},
+    )
+    sparsity_start_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning starts."})
+    sparsity_end_step: int | None = field(
+        default=None,
+        metadata={"help": "Step at which target_sparsity is reached (cubic schedule in between; the remaining steps "
+                          "recover). Empty = 3/4 of max_steps."},
+    )
+    sparsity_every: int = field(default=10, metadata={"help": "Masks are recomputed every this many steps."})
+    sparsity_scope: str = field(
+        default="linear",
+        metadata={"help": f"What is pruned, one of {', '.join(SPARSITY_SCOPES)}: linear = the decoder's linear "
+                          "layers (not the embeddings or the output head); linear_and_head adds the head; all adds "
+                          "the input embeddings."},
+    )
+    qat: str | None = field(
+        default=None,
+        metadata={"help": f"Quantization-aware distillation (torchao QAT), one of {', '.join(QAT_SCHEMES)}: the "
+                          "student's linear layers (not the head) train with fake-quantized int8 activations and "
+                          "int8 (or int4, group 32) weights, against the full-precision teacher. The saved weights "
+                          "are fp32; <output_dir>/quantized holds the int8 model (from_pretrained reads it), whose "
+                          "outputs equal the fake-quantized student's. Empty = off."},
+    )
+
     def __post_init__(self):
         self.divergence  # noqa: B018 - builds the settings, which check loss_type / temperature / jsd_beta / skew_lambda
         check_field(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
@@ -163,6 +199,7 @@ class DistillationConfig(TrainingArguments):
                "an integer >= 0 (e.g. 1024; 0 = plain full-logits path)")
         self._check_triple_loss()
         self._check_feature_kd()
+        self._check_compression()
         super().__post_init__()
 
     def _check_triple_loss(self) -> None:
@@ -208,6 +245,28 @@ class DistillationConfig(TrainingArguments):
     def feature_settings(self) -> FeatureSettings:
         """The feature-KD block as the one object ``FeatureDistiller`` takes."""
         return FeatureSettings(**{f.name: getattr(self, f.name) for f in fields(FeatureSettings)})
+    def _check_compression(self) -> None:
+        check_field(0.0 <= self.target_sparsity < 1.0, "target_sparsity", self.target_sparsity, "a number in [0, 1)")
+        check_field(self.sparsity_pattern in SPARSITY_PATTERNS, "sparsity_pattern", self.sparsity_pattern,
+                    f"one of {', '.join(SPARSITY_PATTERNS)}")
+        check_field(self.sparsity_scope in SPARSITY_SCOPES, "sparsity_scope", self.sparsity_scope,
+                    f"one of {', '.join(SPARSITY_SCOPES)}")
+        check_field(self.qat is None or self.qat in QAT_SCHEMES, "qat", self.qat,
+                    f"one of {', '.join(QAT_SCHEMES)}, or empty (off)")
+        check_field(self.sparsity_every >= 1, "sparsity_every", self.sparsity_every, "an integer >= 1")
+        check_field(self.sparsity_start_step >= 0, "sparsity_start_step", self.sparsity_start_step, "an integer >= 0")
+        if not self.target_sparsity:
+            return
+        if self.sparsity_pattern == "2:4":
+            check_field(self.target_sparsity == 0.5, "target_sparsity", self.target_sparsity,
+                        "0.5 with sparsity_pattern=2:4 (two of every four weights)")
+        if self.sparsity_end_step is None:
+            if self.max_steps <= 0:
+                raise ValueError("target_sparsity is set but sparsity_end_step is empty and max_steps is not: set "
+                                 "sparsity_end_step (the step at which the target is reached).")
+            self.sparsity_end_step = max(self.sparsity_start_step, self.max_steps * 3 // 4)
+        check_field(self.sparsity_end_step >= self.sparsity_start_step, "sparsity_end_step", self.sparsity_end_step,
+                    f"an integer >= sparsity_start_step ({self.sparsity_start_step})")
 
     @property
     def divergence(self) -> Divergence:

@@ -28,6 +28,8 @@ VERBS = {
                           "scripts/bench_speculative.py"),
     "born-again": ("born_again", "born-again generations: a same-size student taught by its predecessor",
                    "scripts/born_again.py"),
+    "compress": ("compress", "prune, distil, sparsify, quantize and export a student, scored per stage",
+                 "scripts/compress.py"),
 }
 
 

@@ -264,6 +264,8 @@ class DistillationTrainer(Trainer):
             for name, total in totals.items():
                 logs[f"{prefix}{name}"] = round(total / divisor, 6)
             self._term_sums[mode] = {}
+        for callback in self.callback_handler.callbacks:  # e.g. GradualPruningCallback's sparsity
+            logs.update(getattr(callback, "extra_logs", dict)())
         super().log(logs, start_time)
 
 

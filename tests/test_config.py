@@ -35,9 +35,11 @@ def _script_of(path: Path) -> str:
 def _dataclasses_for(script: str):
     """The dataclasses the named script parses its config into (a script without an entry fails the test)."""
     from llm_distill.generation import GenerateArguments
+    from llm_distill.jobs.compress import CompressArguments
     from llm_distill.jobs.prune import PruneArguments
 
-    parsers = {"distill": TYPES, "generate": (GenerateArguments,), "prune": (PruneArguments,)}
+    parsers = {"distill": TYPES, "generate": (GenerateArguments,), "prune": (PruneArguments,),
+               "compress": (CompressArguments,)}
     assert script in parsers, f"no parser known for scripts/{script}.py: add it to _dataclasses_for"
     return parsers[script]
 

@@ -51,6 +51,8 @@ from llm_distill.models import (
     load_tokenizer,
 )
 from llm_distill.offline_kd import load_teacher_logits
+from llm_distill.quantization import QAT_METHOD, prepare_qat, quantize_pretrained
+from llm_distill.sparsity import GradualPruningCallback, sparsity_report
 from llm_distill.student_init import check_teacher_layers, select_teacher_layers, student_from_teacher
 from llm_distill.trainer import DistillationTrainer
 
@@ -169,7 +171,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
                              model_args.lora_target_modules)
     masked = teacher is not None and lm_kind(teacher.config) == "masked"
     collator = DistillationCollator(tokenizer)  # held-out rows are already labelled (masked once for masked LMs)
-    trainer = DistillationTrainer(
+    callbacks = compression_callbacks(student, args)
+    trainer = DistillationTrainer(callbacks=callbacks,
         model=student, teacher_model=teacher if args.needs_teacher() or eval_ds is not None else None, args=args,
         train_dataset=train_ds, processing_class=tokenizer,
         data_collator=masked_lm_collator(tokenizer, args.mlm_probability, args.seed) if masked else collator,
@@ -189,6 +192,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
+        save_quantized(args, tokenizer)
 
     runtime = train_result.metrics.get("train_runtime", float("nan"))
     tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
@@ -205,6 +209,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         "train_runtime_s": runtime,
         "wall_time_s": time.time() - start,
         "world_size": PartialState().num_processes,
+        **({"sparsity": sparsity_report(student, args.sparsity_scope)["sparsity"]} if args.target_sparsity else {}),
+        **({"qat": args.qat, "quantized_dir": str(Path(args.output_dir) / "quantized")} if args.qat else {}),
     }
     if eval_ds is not None:
         results.update({
@@ -224,6 +230,31 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         print(format_report(results))
     shutdown_distributed(trainer)  # DDP's reducer first: see its docstring (a hang at exit otherwise)
     return results
+
+
+def compression_callbacks(student, args: DistillationConfig) -> list:
+    """Compression while distilling: fake-quantize the student for QAT (in place) and return the gradual-pruning
+    callback when ``target_sparsity`` is set (see ``llm_distill.sparsity`` / ``llm_distill.quantization``)."""
+    if (args.qat or args.target_sparsity) and hasattr(student, "peft_config"):
+        raise ValueError("target_sparsity / qat change the student's own weights, but use_peft freezes them and trains "
+                         "an adapter: set use_peft false to prune or quantize-aware train the student.")
+    if args.qat:
+        prepare_qat(student, args.qat)
+        logger.info("QAT: the student's linear layers are fake-quantized (%s)", QAT_METHOD[args.qat])
+    if not args.target_sparsity:
+        return []
+    callback = GradualPruningCallback(student, args.target_sparsity, args.sparsity_start_step, args.sparsity_end_step,
+                                      args.sparsity_every, args.sparsity_pattern, args.sparsity_scope)
+    if isinstance(args.resume_from_checkpoint, str) and os.path.isdir(args.resume_from_checkpoint):
+        callback.resume_dir = args.resume_from_checkpoint
+    return [callback]
+
+
+def save_quantized(args: DistillationConfig, tokenizer) -> None:
+    """QAT: convert the saved fp32 student to the int8 model it was trained for, in ``<output_dir>/quantized``."""
+    if args.qat:
+        quantize_pretrained(args.output_dir, Path(args.output_dir) / "quantized", QAT_METHOD[args.qat])
+        tokenizer.save_pretrained(Path(args.output_dir) / "quantized")
 
 
 def format_report(r: dict) -> str:
