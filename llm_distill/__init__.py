@@ -47,6 +47,8 @@ from llm_distill.speculative import (
 )
 from llm_distill.offline_kd import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
+# GGUF models (issue 19): a .gguf file dequantized once into a plain HF folder
+from llm_distill.gguf import dequantize_gguf, is_gguf, load_gguf, resolve_gguf
 
 __version__ = "0.1.0"
 
@@ -110,4 +112,9 @@ __all__ = [
     "evaluate_models",
     "ConfigError",
     "parse_args_and_config",
+    # GGUF models (issue 19)
+    "dequantize_gguf",
+    "is_gguf",
+    "load_gguf",
+    "resolve_gguf",
 ]
