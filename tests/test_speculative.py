@@ -368,3 +368,24 @@ def test_bad_arguments_fail_before_compute():
         decoder.generate([[0], []])
     with pytest.raises(ValueError, match="top_p"):
         decoder.generate([[0]], top_p=0.0)
+
+
+def test_bench_chat_prompts_apply_the_chat_template(tiny_tokenizer, tmp_path):
+    """prompt_format='chat': each row's 'prompt' (or 'messages', the answer dropped) through the template, whole."""
+    from llm_distill.jobs.bench_speculative import BenchArguments, load_prompt_ids
+
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"What is {i} + {i}?"} for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]})
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    prompts = load_prompt_ids(str(path), tiny_tokenizer, 4, 48, seed=0, prompt_format="chat")
+    expected = [tiny_tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                                   return_dict=False)
+                for c in [f"What is {i} + {i}?" for i in range(3)] + ["Name a colour."]]
+    assert sorted(prompts) == sorted(expected)
+    assert all(tiny_tokenizer.decode(p).endswith("<|assistant|>\n") for p in prompts)  # the answer's turn opened
+    with pytest.raises(ValueError, match="row 1: prompt_format='chat' needs a 'prompt' or 'messages'"):
+        load_prompt_ids(str(write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])), tiny_tokenizer, 1, 8, 0, "chat")
+    with pytest.raises(ValueError, match="prompt_format='poem' is invalid"):
+        BenchArguments(prompt_format="poem")

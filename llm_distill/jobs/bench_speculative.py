@@ -28,6 +28,7 @@ from llm_distill.speculative import SpeculativeDecoder, check_gamma, expected_sp
 logger = logging.getLogger(__name__)
 
 DEFAULT_DRAFT = "outputs/spec_draft"
+PROMPT_FORMATS = ("window", "chat")
 
 
 @dataclass
@@ -40,6 +41,12 @@ class BenchArguments:
     )
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the target's)."})
     prompts: str = field(default="embedded:heldout", metadata={"help": "JSONL with a 'text' or 'prompt' field."})
+    prompt_format: str = field(
+        default="window",
+        metadata={"help": "'window': a window of prompt_tokens tokens from each row's text; 'chat': each row's "
+                          "'prompt' (a user message) or 'messages' (a list of {role, content}) through the "
+                          "tokenizer's chat template, whole, with the assistant turn opened."},
+    )
     num_prompts: int = field(default=12, metadata={"help": "Prompts (windows of held-out files)."})
     prompt_tokens: int = field(default=48, metadata={"help": "Tokens per prompt."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per prompt."})
@@ -64,13 +71,39 @@ class BenchArguments:
             check_gamma(gamma)
         if any(t < 0 for t in self.temperatures):
             raise ValueError(f"temperatures={self.temperatures} is invalid: expected values >= 0 (0 = greedy).")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format={self.prompt_format!r} is invalid: choose one of {PROMPT_FORMATS}.")
 
 
-def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, seed: int) -> list[list[int]]:
-    """``num_prompts`` windows of ``prompt_tokens`` tokens, one per file/row, at seeded random offsets."""
+def chat_prompt_ids(path: str, rows: list[dict], tokenizer, num_prompts: int) -> list[list[int]]:
+    """The first ``num_prompts`` rows as chat prompts: the template applied, the assistant turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"prompt_format='chat' needs a tokenizer with a chat template; {path}'s tokenizer has none. "
+                         "Use prompt_format='window' or a chat model's tokenizer.")
+    prompts = []
+    for i, row in enumerate(rows[:num_prompts]):
+        messages = row.get("messages") or ([{"role": "user", "content": row["prompt"]}] if "prompt" in row else None)
+        if not messages:
+            raise ValueError(f"{path} row {i + 1}: prompt_format='chat' needs a 'prompt' or 'messages' field, "
+                             f"has {sorted(row)}.")
+        if messages[-1].get("role") == "assistant":  # a finished conversation: prompt with everything before the answer
+            messages = messages[:-1]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+    if len(prompts) < num_prompts:
+        raise ValueError(f"{path}: {len(prompts)} rows, num_prompts={num_prompts}; lower num_prompts.")
+    return prompts
+
+
+def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, seed: int,
+                    prompt_format: str = "window") -> list[list[int]]:
+    """``num_prompts`` windows of ``prompt_tokens`` tokens, one per file/row, at seeded random offsets; or, with
+    ``prompt_format="chat"``, ``num_prompts`` seeded rows as chat prompts (:func:`chat_prompt_ids`)."""
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     rng = random.Random(seed)
     rng.shuffle(rows)
+    if prompt_format == "chat":
+        return chat_prompt_ids(path, rows, tokenizer, num_prompts)
     prompts = []
     for i, row in enumerate(rows):
         text = row.get("text") or row.get("prompt")
@@ -167,7 +200,8 @@ def run_benchmark(args: BenchArguments) -> dict:
         raise FileNotFoundError(f"The default draft {DEFAULT_DRAFT} does not exist. Make it with `python "
                                 "scripts/distill.py --output_dir outputs/spec_draft` (~2 min), or pass --draft_model.")
     tokenizer = load_tokenizer(args.tokenizer or args.target_model)
-    prompts = load_prompt_ids(args.prompts, tokenizer, args.num_prompts, args.prompt_tokens, args.seed)
+    prompts = load_prompt_ids(args.prompts, tokenizer, args.num_prompts, args.prompt_tokens, args.seed,
+                              args.prompt_format)
     target = load_causal_lm(args.target_model, "float32").eval()
     draft = load_causal_lm(args.draft_model, "float32").eval()
     decoder = SpeculativeDecoder(target, draft, tokenizer)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, config_from_dict, parse_args_and_config
 from llm_distill.embedded import resolve
-from llm_distill.jobs.bench_speculative import batches, load_prompt_ids
+from llm_distill.jobs.bench_speculative import PROMPT_FORMATS, batches, load_prompt_ids
 from llm_distill.jobs.distill import DEFAULT_CONFIG, run_distillation
 from llm_distill.losses import Divergence
 from llm_distill.models import load_causal_lm, load_tokenizer
@@ -47,6 +47,8 @@ class DistillSpecArguments:
     num_train_prompts: int = field(default=512, metadata={"help": "Training prompts (one window per row)."})
     num_eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts for acceptance."})
     prompt_tokens: int = field(default=48, metadata={"help": "Tokens per prompt."})
+    prompt_format: str = field(default="window", metadata={
+        "help": "'window' (text windows) or 'chat' (rows' 'prompt'/'messages' through the chat template)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Continuation length (data and evaluation)."})
     data_source: str = field(default="mixed", metadata={"help": f"Who writes the continuations: {', '.join(DATA_SOURCES)}."})
     data_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the continuations."})
@@ -64,6 +66,8 @@ class DistillSpecArguments:
         if self.data_source not in DATA_SOURCES:
             raise ValueError(f"data_source={self.data_source!r} is invalid: expected one of {', '.join(DATA_SOURCES)}.")
         check_gamma(self.eval_gamma)
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format={self.prompt_format!r} is invalid: choose one of {PROMPT_FORMATS}.")
         for name in ("num_train_prompts", "num_eval_prompts", "prompt_tokens", "max_new_tokens",
                      "max_steps", "batch_size", "gen_batch_size"):
             if getattr(self, name) < 1:
@@ -118,8 +122,10 @@ def run_distillspec(args: DistillSpecArguments) -> dict:
                                 "scripts/distill.py --output_dir outputs/spec_draft` (~2 min), or pass --draft_model.")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.target_model)
-    eval_prompts = load_prompt_ids(args.eval_prompts, tokenizer, args.num_eval_prompts, args.prompt_tokens, args.seed)
-    train_prompts = load_prompt_ids(args.train_prompts, tokenizer, args.num_train_prompts, args.prompt_tokens, args.seed)
+    eval_prompts = load_prompt_ids(args.eval_prompts, tokenizer, args.num_eval_prompts, args.prompt_tokens, args.seed,
+                                   args.prompt_format)
+    train_prompts = load_prompt_ids(args.train_prompts, tokenizer, args.num_train_prompts, args.prompt_tokens, args.seed,
+                                    args.prompt_format)
     target = load_causal_lm(args.target_model, "float32").eval()
     draft = load_causal_lm(args.draft_model, "float32").eval()
 
@@ -140,7 +146,7 @@ def run_distillspec(args: DistillSpecArguments) -> dict:
     train = run_distillation(*config_from_dict((ModelArguments, DataArguments, DistillationConfig), {
         "teacher_model": args.target_model, "student_model": args.draft_model, "student_init": "pretrained",
         "tokenizer": args.target_model, "dataset": str(data_path), "eval_dataset": "", "packing": False,
-        "max_length": args.prompt_tokens + args.max_new_tokens + 16, "max_train_samples": len(rows),
+        "max_length": max(map(len, train_prompts)) + args.max_new_tokens + 16, "max_train_samples": len(rows),
         "alpha": 1.0, "loss_type": args.loss_type, "temperature": 1.0, "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
         "warmup_steps": max(1, args.max_steps // 20), "logging_steps": max(1, args.max_steps // 6),
