@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from llm_distill.embedded.causal import TinyRecipe, build
 from llm_distill.embedded.masked import build_mlm_teacher
+from llm_distill.embedded.openings import openings_file
 
 EMBEDDED_PREFIX = "embedded:"
-ARTEFACTS = ("teacher", "student", "tokenizer", "train", "heldout", "mlm_teacher")
+ARTEFACTS = ("teacher", "student", "tokenizer", "train", "heldout", "mlm_teacher", "train_openings",
+             "heldout_openings")
 
 
 def is_embedded(name: str | None) -> bool:
@@ -29,4 +31,6 @@ def resolve(name: str | None, recipe: TinyRecipe | None = None) -> str | None:
     if artefact == "mlm_teacher":  # built on demand by the DistilBERT recipe
         return str(build_mlm_teacher(recipe))
     root = build(recipe)
+    if artefact.endswith("_openings"):  # prompt/response rows for on-policy distillation (llm_distill.on_policy)
+        return str(openings_file(root, artefact.removesuffix("_openings")))
     return str(root / {"train": "data/train.jsonl", "heldout": "data/heldout.jsonl"}.get(artefact, artefact))
