@@ -47,6 +47,8 @@ from llm_distill.speculative import (
 )
 from llm_distill.offline_kd import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
+# on-policy distillation (GKD)
+from llm_distill.on_policy import RolloutSampler, split_prompts, teacher_nll
 
 __version__ = "0.1.0"
 
@@ -110,4 +112,8 @@ __all__ = [
     "evaluate_models",
     "ConfigError",
     "parse_args_and_config",
+    # on-policy distillation (GKD)
+    "RolloutSampler",
+    "split_prompts",
+    "teacher_nll",
 ]

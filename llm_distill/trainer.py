@@ -28,7 +28,7 @@ from llm_distill.distributed import prepare_teacher
 from llm_distill.head_features import LMHeadPath
 from llm_distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_loss, with_hidden_terms
 from llm_distill.models import check_vocab_compatible, load_lm
-from llm_distill.on_policy import ROLLOUT_KEY, RolloutSampler, teacher_nll
+from llm_distill.on_policy import ROLLOUT_KEY, RolloutSampler, prompt_lengths, teacher_nll
 from llm_distill.offline_kd import (
     TOPK_COLUMNS,
     TopKCollator,
@@ -276,6 +276,9 @@ class DistillationTrainer(Trainer):
                              "cannot do: set lmbda=0 and seq_kd=false for a masked-LM student.")
         if args.seq_kd and self.teacher_model is None:
             raise ValueError("seq_kd=true samples completions from the teacher: pass teacher_model.")
+        first = _first_row(self.train_dataset)
+        if first is not None and "labels" in first:  # 'text' rows have no prompt: refuse them now, not at step 1
+            prompt_lengths(torch.as_tensor([first["labels"]]))
         return RolloutSampler(args, tokenizer, self.accelerator.unwrap_model(self.model))
 
     def _score_rollout(self, features, weight, bias, labels) -> None:
@@ -352,6 +355,13 @@ class DistillationTrainer(Trainer):
                                     "alpha_mse with different hidden sizes) but the checkpoint was saved without one. "
                                     "Resume with the settings that wrote it, or start a fresh run.")
         self.hidden_projection.load_state_dict(load_file(path, device=str(self.args.device)))
+
+
+def _first_row(dataset) -> dict | None:
+    try:
+        return dataset[0] if dataset is not None and len(dataset) else None
+    except (TypeError, KeyError, IndexError, NotImplementedError):  # an iterable dataset: checked at the first batch
+        return None
 
 
 def _last_hidden(outputs) -> torch.Tensor | None:

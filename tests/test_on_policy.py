@@ -109,10 +109,13 @@ def test_on_policy_refuses_what_it_cannot_score(tmp_path):
         config(tmp_path, seq_kd=True, kd_positions="all")
 
 
-def test_text_rows_have_no_prompt_and_are_refused_with_the_fix():
+def test_text_rows_have_no_prompt_and_are_refused_with_the_fix(tiny_tokenizer, llama_factory, tmp_path):
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[5, 6, 7]])}
     with pytest.raises(ValueError, match="embedded:train_openings"):
         split_prompts(batch)
+    text_rows = Dataset.from_list([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}])
+    with pytest.raises(ValueError, match="a 'text' row has no prompt"):  # when the trainer is built, before any step
+        make_trainer(tiny_tokenizer, llama_factory, tmp_path, dataset=text_rows, lmbda=0.5)
 
 
 # ----------------------------------------------------------------------------- building blocks
