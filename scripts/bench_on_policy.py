@@ -16,7 +16,8 @@ of the training stdlib files, embedded:train_openings) and the same number of st
 Scores on held-out prompts (embedded:heldout_openings): perplexity of the ground-truth continuations, the teacher's
 NLL per token of the student's sampled (T=1) and greedy continuations, the share of repeated 4-grams in the greedy
 ones, top-1 agreement with the teacher; wall time (probes excluded), s/step, peak memory (CUDA: max allocated;
-CPU: peak resident-set growth during training) and the share of the step spent generating. The teacher's NLL of the
+CPU: for (c) and TRL only, peak resident-set growth of a short run in a fresh process) and the share of the step
+spent generating. The teacher's NLL of the
 student's samples is also probed every ``--probe_every`` steps (the plot). Then, in one interleaved loop on the same
 batches and tokens: on-policy step vs (off-policy KD step + generating the same tokens with the generator alone).
 Writes ``bench_results/on_policy.json`` and ``bench_results/on_policy.png``.
@@ -33,7 +34,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -174,30 +174,18 @@ class Probe(TrainerCallback):
 
 
 class PeakMemory:
-    """CUDA: max allocated bytes; CPU: peak growth of the resident set over its value at entry (sampled, 5 ms)."""
+    """CUDA: max allocated MiB during the block (on CPU see ``peak_rss``; ``mib`` is None)."""
 
     def __enter__(self):
-        self.cuda, self.peak, self.stop = torch.cuda.is_available(), 0, threading.Event()
-        if self.cuda:
+        self.mib = None
+        if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.peak = _rss()
-            self.thread = threading.Thread(target=self._watch, daemon=True)
-            self.thread.start()
         return self
 
-    def _watch(self):
-        while not self.stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
     def __exit__(self, *exc):
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.stop.set()
-            self.thread.join()
-        self.mib = (self.peak - self.base) / 2**20
+        if torch.cuda.is_available():
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
 
 
 def _rss() -> int:
@@ -212,14 +200,17 @@ def common_args(args, out_dir: str) -> dict:
                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True)
 
 
-def run_ours(name: str, overrides: dict, world, args, out_dir: str) -> dict:
-    student = load_lm(world["student_path"])
+def build_ours(name: str, overrides: dict, world, args, out_dir: str, callbacks) -> DistillationTrainer:
     cfg = DistillationConfig(**common_args(args, f"{out_dir}/{name}"), alpha=1.0, max_new_tokens=args.max_new_tokens,
                              rollout_temperature=1.0, **overrides)
+    return DistillationTrainer(model=load_lm(world["student_path"]), teacher_model=world["teacher"], args=cfg,
+                               train_dataset=world["train_ds"], data_collator=DistillationCollator(world["tokenizer"]),
+                               processing_class=world["tokenizer"], callbacks=callbacks)
+
+
+def run_ours(name: str, overrides: dict, world, args, out_dir: str) -> dict:
     probe = Probe(world, args)
-    trainer = DistillationTrainer(model=student, teacher_model=world["teacher"], args=cfg, train_dataset=world["train_ds"],
-                                  data_collator=DistillationCollator(world["tokenizer"]),
-                                  processing_class=world["tokenizer"], callbacks=[probe])
+    trainer = build_ours(name, overrides, world, args, out_dir, [probe])
     with PeakMemory() as mem:
         trainer.train()
     shares = [h["rollout_time_share"] for h in trainer.state.log_history if "rollout_time_share" in h]
@@ -227,32 +218,83 @@ def run_ours(name: str, overrides: dict, world, args, out_dir: str) -> dict:
                      rollout_share=statistics.mean(shares) if shares else 0.0, settings=overrides)
 
 
-def run_trl(world, args, out_dir: str) -> dict | None:
-    """TRL's stable on-policy DistillationTrainer (reverse KL: beta=1) on the same models and prompts."""
+def has_trl() -> bool:
     try:
-        from trl import DistillationConfig as TrlConfig
-        from trl import DistillationTrainer as TrlTrainer
+        import trl  # noqa: F401
     except ImportError:
         logger.warning("trl is not installed: no TRL peer row (pip install -e '.[bench]').")
-        return None
+        return False
+    return True
+
+
+def build_trl(world, args, out_dir: str, callbacks):
+    """TRL's stable on-policy DistillationTrainer (reverse KL: beta=1) on the same models and prompts."""
+    from trl import DistillationConfig as TrlConfig
+    from trl import DistillationTrainer as TrlTrainer
+
     tokenizer = copy.deepcopy(world["tokenizer"])
     tokenizer.padding_side = "left"  # TRL requires it
     cfg = TrlConfig(**common_args(args, f"{out_dir}/trl"), max_completion_length=args.max_new_tokens, beta=1.0,
                     temperature=1.0, top_p=1.0, top_k=0, bf16=False)
+    return TrlTrainer(model=load_lm(world["student_path"]), teacher_model=load_lm(world["teacher_path"]), args=cfg,
+                      train_dataset=Dataset.from_list([{"prompt": p} for p in world["train_prompts"]]),
+                      processing_class=tokenizer, callbacks=callbacks)
+
+
+def run_trl(world, args, out_dir: str) -> dict:
     probe = Probe(world, args)
-    trainer = TrlTrainer(model=load_lm(world["student_path"]), teacher_model=load_lm(world["teacher_path"]), args=cfg,
-                         train_dataset=Dataset.from_list([{"prompt": p} for p in world["train_prompts"]]),
-                         processing_class=tokenizer, callbacks=[probe])
+    trainer = build_trl(world, args, out_dir, [probe])
     with PeakMemory() as mem:
         trainer.train()
     return summarise("trl_distillation_trainer", probe, mem, final_scores(trainer.model, world, args),
                      rollout_share=None, settings={"trl": __import__("trl").__version__, "beta": 1.0})
 
 
+def speed_duel(world, args, out_dir: str) -> dict:
+    """Our (c) and TRL's trainer alternated ``--duel_rounds`` times (``--duel_steps`` steps each, no probes), so that
+    the machine's load drifts over both alike: the pooled median s/step of each (first step of a run excluded)."""
+    times = {"ours": [], "trl": []}
+    for r in range(args.duel_rounds):
+        for kind in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
+            timer = Probe(world, argparse.Namespace(**{**vars(args), "probe_every": 10**9}))
+            duel = argparse.Namespace(**{**vars(args), "steps": args.duel_steps})
+            trainer = (build_ours("duel", ARMS["c_on_policy_reverse_kl"], world, duel, out_dir, [timer]) if kind == "ours"
+                       else build_trl(world, duel, out_dir, [timer]))
+            trainer.train()
+            times[kind] += timer.step_seconds[1:]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"s_per_step": {k: round(v, 4) for k, v in med.items()}, "rounds": args.duel_rounds,
+            "steps": args.duel_steps, "speedup": round(med["trl"] / med["ours"], 3)}
+
+
+def peak_rss(kind: str, args) -> float:
+    """CPU peak memory of a short run (``--memory_steps``) of our (c) or TRL's trainer, in a fresh process: the
+    growth of the peak resident set (``ru_maxrss``) over the resident set once models and data are loaded. In one
+    process the allocator keeps memory of earlier runs, so in-process figures would only count the first run."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_rss_child, (kind, vars(args)))
+
+
+def _peak_rss_child(kind: str, settings: dict) -> float:
+    import resource
+
+    args = argparse.Namespace(**{**settings, "steps": settings["memory_steps"]})
+    torch.set_num_threads(settings["threads"])
+    world = load_world(args)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = (build_ours("c", ARMS["c_on_policy_reverse_kl"], world, args, out_dir, []) if kind == "ours"
+                   else build_trl(world, args, out_dir, []))
+        base = _rss()
+        trainer.train()
+    return round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20, 1)
+
+
 def summarise(name, probe, mem, scores, rollout_share, settings) -> dict:
     steady = probe.step_seconds[1:] or probe.step_seconds  # the first step pays one-off warm-up
     return {"name": name, "settings": settings, "train_seconds": round(sum(probe.step_seconds), 2),
-            "s_per_step": round(statistics.median(steady), 4), "peak_memory_mib": round(mem.mib, 1),
+            "s_per_step": round(statistics.median(steady), 4), "peak_memory_mib": None if mem.mib is None else round(mem.mib, 1),
             "rollout_time_share": None if rollout_share is None else round(rollout_share, 3),
             **{k: round(v, 4) for k, v in scores.items()}, "curve": probe.curve}
 
@@ -309,7 +351,7 @@ def at_time(curve: list[dict], seconds: float) -> dict | None:
     return done[-1] if done else None
 
 
-def goals(runs: dict, cost: dict) -> dict:
+def goals(runs: dict, cost: dict, duel: dict | None) -> dict:
     a = runs["a_off_policy_kd"]
     best = min(("c_on_policy_reverse_kl", "d_mixed_jsd"), key=lambda k: runs[k]["teacher_nll_sampled"])
     out = {"best_on_policy_arm": best,
@@ -325,7 +367,7 @@ def goals(runs: dict, cost: dict) -> dict:
     out["equal_wall_time"] = equal_time
     if "trl_distillation_trainer" in runs:
         ours, trl = runs["c_on_policy_reverse_kl"], runs["trl_distillation_trainer"]
-        out["vs_trl_step_speedup"] = round(trl["s_per_step"] / ours["s_per_step"], 3)
+        out["vs_trl_step_speedup"] = duel["speedup"]  # alternated runs (speed_duel), not the two long runs
         out["vs_trl_memory_ratio"] = round(ours["peak_memory_mib"] / max(trl["peak_memory_mib"], 1e-9), 3)
         out["faster_and_leaner_than_trl"] = out["vs_trl_step_speedup"] > 1 and out["vs_trl_memory_ratio"] < 1
     out["step_cost_ratio"] = cost["ratio"]
@@ -354,7 +396,7 @@ def print_table(runs: dict, cost: dict, g: dict) -> None:
         print(f"equal wall time ({v['seconds']:.0f}s, (a)'s whole run): {k} at step {v['step']}: NLL {v['nll']:.3f} vs "
               f"(a) {v['off_policy_nll']:.3f} ({100 * v['relative_reduction']:+.1f}%)")
     if "vs_trl_step_speedup" in g:
-        print(f"vs TRL DistillationTrainer: step {g['vs_trl_step_speedup']:.2f}x faster, memory ratio "
+        print(f"vs TRL DistillationTrainer (alternated runs): step {g['vs_trl_step_speedup']:.2f}x faster, memory ratio "
               f"{g['vs_trl_memory_ratio']:.2f} (goal: faster and leaner: {'met' if g['faster_and_leaner_than_trl'] else 'NOT met'})")
 
 
@@ -396,9 +438,13 @@ def main() -> None:
     parser.add_argument("--cost_reps", type=int, default=8)
     parser.add_argument("--cost_warmup", type=int, default=2)
     parser.add_argument("--arms", default=",".join([*ARMS, "trl"]), help="comma-separated subset of the runs")
+    parser.add_argument("--duel_rounds", type=int, default=2, help="alternations of our (c) and TRL for s/step")
+    parser.add_argument("--duel_steps", type=int, default=8)
+    parser.add_argument("--memory_steps", type=int, default=6, help="steps of the CPU peak-memory runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results/on_policy.json")
     args = parser.parse_args()
+    args.threads = torch.get_num_threads()
     torch.manual_seed(args.seed)
     world = load_world(args)
     wanted = args.arms.split(",")
@@ -408,13 +454,19 @@ def main() -> None:
             if name in wanted:
                 runs[name] = run_ours(name, overrides, world, args, out_dir)
                 logger.warning("%s: %s", name, {k: v for k, v in runs[name].items() if k != "curve"})
-        if "trl" in wanted and (trl := run_trl(world, args, out_dir)) is not None:
-            runs[trl["name"]] = trl
+        if "trl" in wanted and has_trl():
+            runs["trl_distillation_trainer"] = run_trl(world, args, out_dir)
+        if not torch.cuda.is_available():  # CPU: peak memory of (c) and TRL, each in a fresh process (see peak_rss)
+            for name, kind in (("c_on_policy_reverse_kl", "ours"), ("trl_distillation_trainer", "trl")):
+                if name in runs:
+                    runs[name]["peak_memory_mib"] = peak_rss(kind, args)
+        duel = speed_duel(world, args, out_dir) if {"c_on_policy_reverse_kl", "trl_distillation_trainer"} <= set(runs) else None
         cost = step_cost(world, args, out_dir)
-    g = goals(runs, cost) if {"a_off_policy_kd", "c_on_policy_reverse_kl", "d_mixed_jsd"} <= set(runs) else {}
+    g = goals(runs, cost, duel) if {"a_off_policy_kd", "c_on_policy_reverse_kl", "d_mixed_jsd"} <= set(runs) else {}
     if g:
         print_table(runs, cost, g)
     result = {"command": "python " + " ".join(sys.argv), "settings": vars(args), "runs": runs, "step_cost": cost,
+              "speed_duel_vs_trl": duel,
               "goals": g, "train_rows": len(world["train_ds"]), "heldout_prompts": len(world["heldout_prompts"]),
               "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": world["device"],
                       "threads": torch.get_num_threads(), "python": platform.python_version()}}
