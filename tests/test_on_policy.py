@@ -159,11 +159,25 @@ def test_teacher_nll_matches_cross_entropy_from_hidden_states_or_logits():
     assert teacher_nll(logits, None, None, labels)[0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_embedded_openings_are_prompt_and_ground_truth_continuation():
+def test_embedded_openings_are_prompt_and_ground_truth_continuation(tmp_path, corpus_texts, tiny_tokenizer):
+    from llm_distill.data import load_rows, prepare_dataset
+    from llm_distill.config import DataArguments
+    from llm_distill.embedded.openings import openings_file
+
     text = "".join(f"line {i}\n" for i in range(200))
     (row,) = opening_rows([{"text": text, "source": "x.py"}], prompt_chars=20, response_chars=30)
     assert row["prompt"] == "line 0\nline 1\nline 2\n" and text.startswith(row["prompt"] + row["response"])
     assert row["response"].startswith("line 3\n") and row["finish_reason"] == "length"
+    # The artefact behind embedded:train_openings, derived once from the cache's data/train.jsonl.
+    write_jsonl((tmp_path / "data").mkdir() or tmp_path / "data" / "train.jsonl",
+                [{"text": t, "source": str(i)} for i, t in enumerate(corpus_texts)])
+    path = openings_file(tmp_path, "train")
+    assert path == tmp_path / "data" / "train_openings.jsonl" and openings_file(tmp_path, "train") == path
+    rows, fmt = load_rows(str(path))
+    assert fmt == "prompt_response" and len(rows) == len(corpus_texts)
+    ds = prepare_dataset(rows, fmt, tiny_tokenizer, DataArguments(max_length=512))
+    first = ds[0]
+    assert first["labels"][0] == IGNORE_INDEX and first["labels"][-1] != tiny_tokenizer.eos_token_id  # no EOS: cut
 
 
 # ----------------------------------------------------------------------------- the trainer
