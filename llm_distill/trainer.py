@@ -120,7 +120,8 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", ROLLOUT_KEY, *TOPK_COLUMNS)}
-        self._scoring_rollout = self.rollouts is not None and inputs.get(ROLLOUT_KEY) is not None and self.model.training
+        self._scoring_rollout = (self.rollouts is not None and inputs.get(ROLLOUT_KEY) is not None
+                                 and self.model.training)
         args, weights = self.args, self.loss_weights
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:

@@ -25,7 +25,7 @@ from llm_distill.on_policy import (
 )
 
 from conftest import REPO_ROOT, write_jsonl
-from test_distributed import launch_two_ranks, one_thread, train_logs, weights  # noqa: F401 (one_thread: a fixture)
+from test_distributed import launch_two_ranks, train_logs, weights
 
 ODD_TOKEN_RUN = 20  # the dataset's completion: one token repeated, which no sampled completion reproduces
 
@@ -309,6 +309,15 @@ def test_peft_student_samples_with_its_adapter_in_eval_mode(tiny_tokenizer, llam
 
 
 # ----------------------------------------------------------------------------- 2 gloo ranks
+
+@pytest.fixture
+def one_thread():
+    """Like each rank (see tests/test_distributed.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.mark.slow
 def test_two_gloo_ranks_run_on_policy_steps_and_resume(saved_pair, tmp_path, one_thread):
