@@ -441,10 +441,12 @@ def main() -> None:
     parser.add_argument("--duel_rounds", type=int, default=2, help="alternations of our (c) and TRL for s/step")
     parser.add_argument("--duel_steps", type=int, default=6)
     parser.add_argument("--memory_steps", type=int, default=4, help="steps of the CPU peak-memory runs")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a busy 2-core machine 2 threads are far slower for these tiny models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results/on_policy.json")
     args = parser.parse_args()
-    args.threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     world = load_world(args)
     wanted = args.arms.split(",")
