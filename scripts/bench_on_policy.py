@@ -2,6 +2,7 @@
 
     python scripts/bench_on_policy.py                       # ~5-10 min on 2 busy CPU cores
     python scripts/bench_on_policy.py --steps 120 --max_new_tokens 64 --out bench_results/on_policy_long.json
+    python scripts/bench_on_policy.py --speed_only --out bench_results/on_policy_speed.json   # ~2 min: speed goals only
 
 From the same fresh student (embedded:student), the same teacher (embedded:teacher), the same prompts (the openings
 of the training stdlib files, embedded:train_openings) and the same number of steps:
@@ -443,14 +444,16 @@ def main() -> None:
     parser.add_argument("--memory_steps", type=int, default=3, help="steps of the CPU peak-memory runs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a busy 2-core machine 2 threads are far slower for these tiny models)")
+    parser.add_argument("--speed_only", action="store_true",
+                        help="only the step-cost loop, the TRL speed duel and the CPU peak-memory runs (no training arms)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results/on_policy.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     world = load_world(args)
-    wanted = args.arms.split(",")
-    runs = {}
+    wanted = [] if args.speed_only else args.arms.split(",")
+    runs, duel, memory = {}, None, {}
     with tempfile.TemporaryDirectory() as out_dir:
         for name, overrides in ARMS.items():
             if name in wanted:
@@ -458,25 +461,30 @@ def main() -> None:
                 logger.warning("%s: %s", name, {k: v for k, v in runs[name].items() if k != "curve"})
         if "trl" in wanted and has_trl():
             runs["trl_distillation_trainer"] = run_trl(world, args, out_dir)
-        if not torch.cuda.is_available():  # CPU: peak memory of (c) and TRL, each in a fresh process (see peak_rss)
+        peer = has_trl() and (args.speed_only or "trl_distillation_trainer" in runs)
+        if not torch.cuda.is_available() and peer:  # CPU: peak memory of (c) and TRL, each in a fresh process
+            memory = {kind: peak_rss(kind, args) for kind in ("ours", "trl")}
             for name, kind in (("c_on_policy_reverse_kl", "ours"), ("trl_distillation_trainer", "trl")):
                 if name in runs:
-                    runs[name]["peak_memory_mib"] = peak_rss(kind, args)
-        duel = speed_duel(world, args, out_dir) if {"c_on_policy_reverse_kl", "trl_distillation_trainer"} <= set(runs) else None
+                    runs[name]["peak_memory_mib"] = memory[kind]
+        duel = speed_duel(world, args, out_dir) if peer else None
         cost = step_cost(world, args, out_dir)
+    if args.speed_only:
+        print(json.dumps({"step_cost": cost, "speed_duel_vs_trl": duel, "cpu_peak_memory_mib": memory}, indent=2))
     g = goals(runs, cost, duel) if {"a_off_policy_kd", "c_on_policy_reverse_kl", "d_mixed_jsd"} <= set(runs) else {}
     if g:
         print_table(runs, cost, g)
     result = {"command": "python " + " ".join(sys.argv), "settings": vars(args), "runs": runs, "step_cost": cost,
-              "speed_duel_vs_trl": duel,
+              "speed_duel_vs_trl": duel, "cpu_peak_memory_mib": memory,
               "goals": g, "train_rows": len(world["train_ds"]), "heldout_prompts": len(world["heldout_prompts"]),
               "env": {"torch": torch.__version__, "transformers": transformers.__version__, "device": world["device"],
                       "threads": torch.get_num_threads(), "python": platform.python_version()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    plot(runs, out.with_suffix(".png"))
-    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    if runs:
+        plot(runs, out.with_suffix(".png"))
+    print(f"\nwrote {out}" + (f" and {out.with_suffix('.png')}" if runs else ""))
 
 
 if __name__ == "__main__":
