@@ -63,6 +63,8 @@ from llm_distill.quantization import prepare_qat, quantize_pretrained
 from llm_distill.export import OnnxCausalLM, export_onnx
 # GGUF models (issue 19): a .gguf file dequantized once into a plain HF folder
 from llm_distill.gguf import dequantize_gguf, is_gguf, load_gguf, resolve_gguf
+# on-policy distillation (GKD)
+from llm_distill.on_policy import RolloutSampler, split_prompts, teacher_nll
 
 __version__ = "0.1.0"
 
@@ -149,4 +151,8 @@ __all__ = [
     "is_gguf",
     "load_gguf",
     "resolve_gguf",
+    # on-policy distillation (GKD)
+    "RolloutSampler",
+    "split_prompts",
+    "teacher_nll",
 ]

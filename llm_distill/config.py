@@ -192,6 +192,30 @@ class DistillationConfig(TrainingArguments):
                           "outputs equal the fake-quantized student's. Empty = off."},
     )
 
+    # --- On-policy distillation (GKD, Agarwal et al. 2023; TRL's names): see llm_distill.on_policy ---------------
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Probability in [0, 1] that a batch's completions are sampled from the student itself (GKD's "
+                          "lambda): its prompts are kept, the dataset's completions replaced by the student's, and the "
+                          "loss covers those completion tokens only. 0 = off-policy (the dataset's completions, the "
+                          "default), 1 = fully on-policy. Needs prompt/response or messages rows."},
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Sequence-level KD (GKD's seq_kd): the batches the student does not sample (probability "
+                          "1 - lmbda) get completions sampled from the teacher instead of the dataset's."},
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "On-policy / seq_kd: longest sampled completion, in tokens (>= 1)."}
+    )
+    rollout_temperature: float = field(
+        default=1.0,
+        metadata={"help": "On-policy / seq_kd: sampling temperature of the completions (>= 0; 0 = greedy). Not the "
+                          "KD temperature, which is 'temperature'."},
+    )
+    rollout_top_p: float = field(default=1.0, metadata={"help": "On-policy / seq_kd: nucleus sampling, in (0, 1]."})
+    rollout_top_k: int = field(default=0, metadata={"help": "On-policy / seq_kd: top-k sampling (>= 0; 0 = off)."})
+
     def __post_init__(self):
         self.divergence  # noqa: B018 - builds the settings, which check loss_type / temperature / jsd_beta / skew_lambda
         check_field(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
@@ -200,6 +224,7 @@ class DistillationConfig(TrainingArguments):
         self._check_triple_loss()
         self._check_feature_kd()
         self._check_compression()
+        self._check_on_policy()
         super().__post_init__()
 
     def _check_triple_loss(self) -> None:
@@ -245,6 +270,7 @@ class DistillationConfig(TrainingArguments):
     def feature_settings(self) -> FeatureSettings:
         """The feature-KD block as the one object ``FeatureDistiller`` takes."""
         return FeatureSettings(**{f.name: getattr(self, f.name) for f in fields(FeatureSettings)})
+
     def _check_compression(self) -> None:
         check_field(0.0 <= self.target_sparsity < 1.0, "target_sparsity", self.target_sparsity, "a number in [0, 1)")
         check_field(self.sparsity_pattern in SPARSITY_PATTERNS, "sparsity_pattern", self.sparsity_pattern,
@@ -268,6 +294,28 @@ class DistillationConfig(TrainingArguments):
         check_field(self.sparsity_end_step >= self.sparsity_start_step, "sparsity_end_step", self.sparsity_end_step,
                     f"an integer >= sparsity_start_step ({self.sparsity_start_step})")
 
+    def _check_on_policy(self) -> None:
+        check_field(0.0 <= self.lmbda <= 1.0, "lmbda", self.lmbda, "a number in [0, 1] (0 = off-policy)")
+        check_field(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check_field(math.isfinite(self.rollout_temperature) and self.rollout_temperature >= 0.0,
+                    "rollout_temperature", self.rollout_temperature, "a number >= 0 (0 = greedy)")
+        check_field(0.0 < self.rollout_top_p <= 1.0, "rollout_top_p", self.rollout_top_p, "a number in (0, 1]")
+        check_field(self.rollout_top_k >= 0, "rollout_top_k", self.rollout_top_k, "an integer >= 0 (0 = off)")
+        if not self.samples_completions():
+            return
+        what = f"lmbda={self.lmbda}" if self.lmbda > 0 else "seq_kd=true"
+        if self.teacher_logits:
+            raise ValueError(f"{what} samples new completions, which the stored teacher logits (teacher_logits) do not "
+                             "cover: unset teacher_logits to distil from a live teacher, or set lmbda=0, seq_kd=false.")
+        if self.kd_positions != "labels" or self.loss_weights().uses_hidden:
+            raise ValueError(f"{what}: the on-policy loss covers the sampled completion tokens only, but "
+                             "kd_positions=all / alpha_cos / alpha_mse would add the prompt's positions: use "
+                             "kd_positions=labels and unset alpha_cos / alpha_mse.")
+
+    def samples_completions(self) -> bool:
+        """Whether training replaces some batches' completions by sampled ones (lmbda > 0 or seq_kd)."""
+        return self.lmbda > 0.0 or self.seq_kd
+
     @property
     def divergence(self) -> Divergence:
         """The KD divergence settings as the one object the losses take (validated when it is built)."""
@@ -290,7 +338,8 @@ class DistillationConfig(TrainingArguments):
     def needs_teacher(self) -> bool:
         """Whether training runs a live teacher (a KD term without stored logits, or a hidden-state term)."""
         weights = self.loss_weights()
-        return (weights.kd > 0.0 and not self.teacher_logits) or weights.uses_hidden or self.feature_settings().active
+        return ((weights.kd > 0.0 and not self.teacher_logits) or weights.uses_hidden
+                or self.feature_settings().active or self.seq_kd)
 
 
 @dataclass

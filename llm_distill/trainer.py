@@ -36,6 +36,7 @@ from llm_distill.features import FeatureDistiller
 from llm_distill.head_features import LMHeadPath
 from llm_distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_loss, with_hidden_terms
 from llm_distill.models import check_vocab_compatible, load_lm
+from llm_distill.on_policy import ROLLOUT_KEY, RolloutSampler, prompt_lengths, teacher_nll
 from llm_distill.offline_kd import (
     TOPK_COLUMNS,
     TopKCollator,
@@ -107,6 +108,10 @@ class DistillationTrainer(Trainer):
         # Each loss term accumulated since the last log (detached; reduced across ranks at log time).
         self._term_sums = {"train": {}, "eval": {}}
         self._last_terms_step = 0
+        # On-policy distillation (GKD): with probability lmbda a micro-batch's completions are the student's own
+        # samples (seq_kd: the teacher's), drawn before the step (get_batch_samples; llm_distill.on_policy).
+        self.rollouts = self._make_rollouts(args, kwargs.get("processing_class"))
+        self._scoring_rollout = False  # the micro-batch in compute_loss is a sampled one
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -125,7 +130,9 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", *TOPK_COLUMNS)}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", ROLLOUT_KEY, *TOPK_COLUMNS)}
+        self._scoring_rollout = (self.rollouts is not None and inputs.get(ROLLOUT_KEY) is not None
+                                 and self.model.training)
         args, weights = self.args, self.loss_weights
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
@@ -173,6 +180,8 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 teacher_outputs = self.teacher_model(**model_inputs, **hidden_kwargs)
         teacher_logits = teacher_outputs.logits if teacher_outputs is not None and self.loss_weights.kd > 0 else None
+        if teacher_outputs is not None:
+            self._score_rollout(teacher_outputs.logits, None, None, labels)
         out = distillation_loss(outputs.logits, teacher_logits, labels, weights=self.loss_weights, **kd_kwargs)
         return out, outputs, (_last_hidden(outputs), _last_hidden(teacher_outputs))
 
@@ -186,6 +195,8 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 teacher = self._lm_head_paths["teacher"](self.teacher_model, model_inputs, need_hidden)
         kd_teacher = teacher if teacher is not None and self.loss_weights.kd > 0 else None
+        if teacher is not None:
+            self._score_rollout(teacher.features, teacher.weight, teacher.bias, inputs["labels"])
         out = chunked_distillation_loss(
             student.features, student.weight,
             kd_teacher.features if kd_teacher else None, kd_teacher.weight if kd_teacher else None, inputs["labels"],
@@ -198,6 +209,11 @@ class DistillationTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.rollouts is not None and batch_samples:
+            batch_samples = self.rollouts.prepare(batch_samples, self.state.global_step, self.args.process_index,
+                                                  self.accelerator.unwrap_model(self.model_wrapped), self.teacher_model)
+            if num_items_in_batch is not None:  # Trainer counted the dataset's labels: count the trained-on ones
+                num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         self._position_counts = (self._count_positions(batch_samples, device)
                                  if num_items_in_batch is not None else None)
         return batch_samples, num_items_in_batch
@@ -266,7 +282,30 @@ class DistillationTrainer(Trainer):
             self._term_sums[mode] = {}
         for callback in self.callback_handler.callbacks:  # e.g. GradualPruningCallback's sparsity
             logs.update(getattr(callback, "extra_logs", dict)())
+        if self.rollouts is not None and mode == "train" and "loss" in logs:
+            logs.update(self.rollouts.pop_metrics(self.accelerator, self.args.device))
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ on-policy distillation (GKD)
+
+    def _make_rollouts(self, args: DistillationConfig, tokenizer) -> RolloutSampler | None:
+        if not args.samples_completions():
+            return None
+        if not self._shift_labels:
+            raise ValueError("On-policy distillation (lmbda > 0 or seq_kd) samples completions, which a masked LM "
+                             "cannot do: set lmbda=0 and seq_kd=false for a masked-LM student.")
+        if args.seq_kd and self.teacher_model is None:
+            raise ValueError("seq_kd=true samples completions from the teacher: pass teacher_model.")
+        first = _first_row(self.train_dataset)
+        if first is not None and "labels" in first:  # 'text' rows have no prompt: refuse them now, not at step 1
+            prompt_lengths(torch.as_tensor([first["labels"]]))
+        return RolloutSampler(args, tokenizer, self.accelerator.unwrap_model(self.model))
+
+    def _score_rollout(self, features, weight, bias, labels) -> None:
+        """Teacher NLL per token of a sampled batch's completions (logged as rollout_teacher_nll), from the
+        teacher's forward that the loss runs anyway."""
+        if self._scoring_rollout:
+            self.rollouts.meter.add_nll(*teacher_nll(features, weight, bias, labels, self.args.loss_chunk_size or 1024))
 
 
     # ------------------------------------------------------------------ triple loss: checks and the projection
@@ -368,6 +407,13 @@ class DistillationTrainer(Trainer):
                                         "alpha_hidden, with different hidden sizes) that the checkpoint was saved "
                                         "without. Resume with the settings that wrote it, or start a fresh run.")
             module.load_state_dict(load_file(path, device=str(self.args.device)))
+
+
+def _first_row(dataset) -> dict | None:
+    try:
+        return dataset[0] if dataset is not None and len(dataset) else None
+    except (TypeError, KeyError, IndexError, NotImplementedError):  # an iterable dataset: checked at the first batch
+        return None
 
 
 def _last_hidden(outputs) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from llm_distill.embedded.causal import TinyRecipe, build
 from llm_distill.embedded.masked import build_mlm_teacher
+from llm_distill.embedded.openings import openings_file
 from llm_distill.embedded.smollm2 import MissingExtraError, smollm2_folder
 from llm_distill.gguf import resolve_gguf
 
@@ -17,7 +18,8 @@ __all__ = ["ARTEFACTS", "EMBEDDED_PREFIX", "MissingExtraError", "TinyRecipe", "b
            "is_embedded", "resolve"]
 
 EMBEDDED_PREFIX = "embedded:"
-ARTEFACTS = ("teacher", "student", "tokenizer", "train", "heldout", "mlm_teacher", "smollm2")
+ARTEFACTS = ("teacher", "student", "tokenizer", "train", "heldout", "mlm_teacher", "smollm2", "train_openings",
+             "heldout_openings")
 
 
 def is_embedded(name: str | None) -> bool:
@@ -38,4 +40,6 @@ def resolve(name: str | None, recipe: TinyRecipe | None = None) -> str | None:
     if artefact == "mlm_teacher":  # built on demand by the DistilBERT recipe
         return str(build_mlm_teacher(recipe))
     root = build(recipe)
+    if artefact.endswith("_openings"):  # prompt/response rows for on-policy distillation (llm_distill.on_policy)
+        return str(openings_file(root, artefact.removesuffix("_openings")))
     return str(root / {"train": "data/train.jsonl", "heldout": "data/heldout.jsonl"}.get(artefact, artefact))

@@ -28,49 +28,34 @@ class HFBackend:
     """Batched, left-padded ``model.generate`` (the tested default backend)."""
 
     def __init__(self, model, tokenizer, args: GenerateArguments):
-        from transformers import GenerationConfig
-
         self.model, self.args = model.eval(), args
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        params = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                      num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
-                      eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, bos_token_id=tokenizer.bos_token_id,
-                      return_dict_in_generate=True, output_logits=args.logprobs > 0)
-        if args.do_sample:
-            params.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        else:  # do not inherit sampling knobs from the model's generation_config
-            params.update(temperature=None, top_p=None, top_k=None)
-        self.generation_config = GenerationConfig(**params)
+        self.eos_ids = set(eos_token_ids(model, tokenizer))
+        self.pad_id = pad_token_id(tokenizer)
+        self.generation_config = make_generation_config(
+            sorted(self.eos_ids), self.pad_id, tokenizer.bos_token_id, max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+            output_logits=args.logprobs > 0)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
     def left_pad(self, batch: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(p.input_ids) for p in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for i, p in enumerate(batch):
-            input_ids[i, longest - len(p.input_ids):] = torch.tensor(p.input_ids)
-            attention_mask[i, longest - len(p.input_ids):] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        return left_pad([p.input_ids for p in batch], self.pad_id, self.device)
 
     @torch.inference_mode()
     def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
         """``num_return_sequences`` completions per prompt, in batch order."""
         input_ids, attention_mask = self.left_pad(batch)                   # (B, P)
-        torch.manual_seed(seed)                                             # sampling draws from the global RNG
         k = self.args.logprobs
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                  generation_config=self.generation_config)
+        out = sample(self.model, input_ids, attention_mask, self.generation_config, seed)
         new = out.sequences[:, input_ids.shape[1]:].tolist()               # (B * n, <= max_new_tokens)
         if k > 0:  # raw teacher logits (before temperature / top-k warping), one (B * n, V) tensor per step
             top = [torch.log_softmax(step.float(), dim=-1).topk(k, dim=-1) for step in out.logits]
         completions = []
         for row, tokens in enumerate(new):
-            stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            stop = first_eos(tokens, self.eos_ids)
             tokens = tokens if stop is None else tokens[:stop]
             c = Completion(tokens, "length" if stop is None else "eos")
             if k > 0:
@@ -122,3 +107,61 @@ class VLLMBackend:
                 comps.append(c)
             result.append(comps)
         return result
+
+
+# ------------------------------------------------------------------ the one batched decoding path
+# HFBackend (the response generator) and llm_distill.on_policy (the student's rollouts during training) both
+# decode through these functions: one place for EOS / padding / sampling settings and seeding.
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The model's stop tokens (its generation_config's, else the tokenizer's EOS), as a sorted list."""
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) is not None else None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def make_generation_config(eos_ids: list[int], pad_id: int, bos_id: int | None, *, max_new_tokens: int,
+                           do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                           num_return_sequences: int = 1, repetition_penalty: float = 1.0,
+                           output_logits: bool = False):
+    """A ``GenerationConfig`` with every knob explicit: greedy decoding does not inherit sampling knobs from the
+    model's own generation_config, and the KV cache is always on (training may have switched it off)."""
+    from transformers import GenerationConfig
+
+    params = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
+                  repetition_penalty=repetition_penalty, eos_token_id=list(eos_ids), pad_token_id=pad_id,
+                  bos_token_id=bos_id, return_dict_in_generate=True, output_logits=output_logits, use_cache=True)
+    if do_sample:
+        params.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        params.update(temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(**params)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``(B, P)``, left-padded: a decoder-only batch generates from its last column."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, longest - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        attention_mask[i, longest - len(s):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config, seed: int):
+    """Batched, KV-cached ``model.generate`` from a left-padded batch; sampling draws from the global RNG, seeded
+    here (callers that must not disturb it wrap the call in ``torch.random.fork_rng``)."""
+    torch.manual_seed(seed)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+
+
+def first_eos(tokens: list[int], eos_ids) -> int | None:
+    """Index of the first stop token in ``tokens``, or None."""
+    return next((i for i, t in enumerate(tokens) if t in eos_ids), None)
