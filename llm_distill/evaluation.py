@@ -20,8 +20,22 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 
+from llm_distill.data import Fields, for_masked_lm, load_rows, mask_once, prepare_dataset
 from llm_distill.distributed import is_sharded
 from llm_distill.losses import IGNORE_INDEX
+
+
+def heldout_set(source: str, tokenizer, data_args, max_samples: int | None, seed: int, masked: bool = False,
+                mlm_probability: float = 0.15):
+    """The held-out set every job scores on, built one way: rows of ``source`` (``data_args.eval_split``), validated,
+    tokenised as ``data_args`` says (packed into ``max_length`` blocks or not, as the run says), a seeded subset of
+    ``max_samples``; for masked LMs masked once, deterministically (every model is scored on the same masks). The
+    same file, settings and seed give the same set, so prune and distill report the same perplexity for one model."""
+    rows, fmt = load_rows(source, data_args.eval_split, data_args.dataset_config, Fields.from_args(data_args))
+    dataset = prepare_dataset(rows, fmt, tokenizer, data_args, max_samples, seed, "eval")
+    if masked:
+        dataset = mask_once(for_masked_lm(dataset, fmt, source), tokenizer, mlm_probability, seed)
+    return dataset
 
 
 @torch.no_grad()

@@ -21,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_distill.config import parse_args_and_config
+from llm_distill.data import DataValidationError
 from llm_distill.embedded import resolve
+from llm_distill.jsonl import read_jsonl
 from llm_distill.models import load_causal_lm, load_tokenizer
 from llm_distill.speculative import SpeculativeDecoder, check_gamma, expected_speedup
 
@@ -68,14 +70,20 @@ class BenchArguments:
 
 def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     """``num_prompts`` windows of ``prompt_tokens`` tokens, one per file/row, at seeded random offsets."""
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    rows = []
+    for where, row in read_jsonl(path, DataValidationError):
+        if isinstance(row, Exception):
+            raise row
+        if not isinstance(row, dict):
+            raise DataValidationError(f"{where}: each line must be a JSON object, got {type(row).__name__}.")
+        rows.append((where, row))
     rng = random.Random(seed)
     rng.shuffle(rows)
     prompts = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         text = row.get("text") or row.get("prompt")
         if text is None:
-            raise ValueError(f"{path} row {i + 1}: needs a 'text' or 'prompt' field, has {sorted(row)}.")
+            raise DataValidationError(f"{where}: needs a 'text' or 'prompt' field, has {sorted(row)}.")
         ids = tokenizer(text[:20_000])["input_ids"]
         if len(ids) < prompt_tokens + 16:
             continue
@@ -83,7 +91,7 @@ def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, 
         prompts.append(ids[start: start + prompt_tokens])
         if len(prompts) == num_prompts:
             return prompts
-    raise ValueError(f"{path}: only {len(prompts)} rows are longer than {prompt_tokens + 16} tokens; lower "
+    raise DataValidationError(f"{path}: only {len(prompts)} rows are longer than {prompt_tokens + 16} tokens; lower "
                      "num_prompts or prompt_tokens.")
 
 
