@@ -146,9 +146,9 @@ def _generate(state, args: GenerateArguments, teacher_name: str, prep: _Prepared
     bar = tqdm(total=sum(len(b) for _, b in todo), desc=f"generating [rank {state.process_index}]", unit="prompt",
                dynamic_ncols=True, disable=not state.is_local_main_process)
     with store.open_shard(state.process_index) as handle:
-        for batch_index, batch in todo:
+        for _, batch in todo:
             t0 = time.perf_counter()
-            completions = backend.generate(batch, seed=args.seed + batch_index)
+            completions = backend.generate(batch, seed=args.seed)  # per row: (seed, id, sample_index)
             gen_time += time.perf_counter() - t0
             rows = [r for p, comps in zip(batch, completions)
                     for r in make_rows(p, comps, prep.tokenizer, args, prep.chat, teacher_name, params)
