@@ -27,16 +27,28 @@ def to_dtype(name: str):
     return "auto" if name == "auto" else _DTYPES[name]
 
 
+_MARKERS = {"tokenizer": ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")}
+
+
 @contextmanager
 def loading(name_or_path: str, what: str = "model"):
-    """Turn the ``OSError`` ``from_pretrained`` raises for a name it cannot load (a folder without config.json, a
-    hub id with no network) into a :class:`ModelLoadError` naming it and the fix: a user's path, not our bug."""
+    """Turn the error ``from_pretrained`` raises for a name it cannot load (an ``OSError``: no such folder, a hub id
+    with no network; a ``ValueError``: a local folder with no config.json / tokenizer files in it) into a
+    :class:`ModelLoadError` naming it and the fix: a user's path, not our bug."""
     try:
         yield
-    except OSError as err:
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:
+        folder = Path(str(name_or_path))
+        markers = _MARKERS.get(what, ("config.json",))
+        if isinstance(err, ValueError) and not (folder.is_dir() and not any((folder / m).exists() for m in markers)):
+            raise  # a folder with the files in it: not a path problem
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        kind = "a local folder" if Path(str(name_or_path)).exists() else "not a local folder"
-        raise ModelLoadError(f"{what} {name_or_path!r} ({kind}) cannot be loaded: {first}. Give a folder written by "
+        if folder.is_dir() and not any((folder / m).exists() for m in markers):
+            first = f"the folder has no {' / '.join(markers)}."
+        kind = "a local folder" if folder.exists() else "not a local folder"
+        raise ModelLoadError(f"{what} {name_or_path!r} ({kind}) cannot be loaded: {first} Give a folder written by "
                              "save_pretrained, or a hub id (reachable, or in the local cache).") from err
 
 
