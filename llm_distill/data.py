@@ -15,7 +15,6 @@ student to stop there; its only label is the EOS token (or the chat template's e
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

@@ -147,10 +147,8 @@ def test_scripts_and_verbs_end_with_one_line_and_exit_2(saved_pair, tmp_path):
     results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
     for code, err in results[:2]:
         assert code == 2 and "Traceback" not in err, err[-2000:]
-        assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {path} {expected}; save "
-                                                                                   "the file as UTF-8 (e.g. `iconv -f "
-                                                                                   "latin1 -t utf-8 in.jsonl > "
-                                                                                   "out.jsonl`)."]
+        fix = "; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)."
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {path} {expected}{fix}"]
     code, err = results[2]
     assert code not in (0, 2) and "Traceback" in err and "DataValidationError" in err
 
@@ -162,8 +160,9 @@ def test_example_config_is_a_base_only_for_a_bare_run(caplog):
     import logging
 
     from llm_distill.jobs.distill import parse
+    from llm_distill.jobs.generate import DEFAULT_CONFIG as GENERATE_CONFIG
     from llm_distill.jobs.generate import parse as parse_generate
-    from llm_distill.jobs.generate import with_base, DEFAULT_CONFIG as GENERATE_CONFIG
+    from llm_distill.jobs.generate import with_base
 
     caplog.set_level(logging.INFO, logger="llm_distill")
     model, data, train = parse(["--output_dir", "x"])
