@@ -47,6 +47,11 @@ from llm_distill.speculative import (
 )
 from llm_distill.offline_kd import TopKCollator, load_teacher_logits, store_teacher_logits
 from llm_distill.trainer import DistillationTrainer
+# hardening (issue 18): user errors, the shared row reader, the held-out builder, per-row seeded sampling
+from llm_distill.errors import ModelLoadError, UserError
+from llm_distill.evaluation import heldout_set
+from llm_distill.generation.sampling import RowSampler, row_seed
+from llm_distill.jsonl import read_jsonl
 
 __version__ = "0.1.0"
 
@@ -110,4 +115,11 @@ __all__ = [
     "evaluate_models",
     "ConfigError",
     "parse_args_and_config",
+    # hardening (issue 18)
+    "UserError",
+    "ModelLoadError",
+    "heldout_set",
+    "RowSampler",
+    "row_seed",
+    "read_jsonl",
 ]
