@@ -65,6 +65,11 @@ from llm_distill.export import OnnxCausalLM, export_onnx
 from llm_distill.gguf import dequantize_gguf, is_gguf, load_gguf, resolve_gguf
 # on-policy distillation (GKD)
 from llm_distill.on_policy import RolloutSampler, split_prompts, teacher_nll
+# hardening (issue 18): user errors, the shared row reader, the held-out builder, per-row seeded sampling
+from llm_distill.errors import ModelLoadError, UserError
+from llm_distill.evaluation import heldout_set
+from llm_distill.generation.sampling import RowSampler, row_seed
+from llm_distill.jsonl import read_jsonl
 
 __version__ = "0.1.0"
 
@@ -155,4 +160,11 @@ __all__ = [
     "RolloutSampler",
     "split_prompts",
     "teacher_nll",
+    # hardening (issue 18)
+    "UserError",
+    "ModelLoadError",
+    "heldout_set",
+    "RowSampler",
+    "row_seed",
+    "read_jsonl",
 ]

@@ -25,6 +25,7 @@ from llm_distill.checks import DTYPES, check_field
 from llm_distill.features.distiller import FeatureSettings
 from llm_distill.features.layer_map import check_spec as check_layer_spec
 from llm_distill.features.losses import HIDDEN_LOSSES
+from llm_distill.errors import UserError
 from llm_distill.losses import LOSS_TYPES, Divergence, LossWeights
 from llm_distill.quantization import QAT_SCHEMES
 from llm_distill.sparsity import SPARSITY_PATTERNS, SPARSITY_SCOPES
@@ -346,13 +347,14 @@ class DistillationConfig(TrainingArguments):
 class ModelArguments:
     """Which teacher and student to load, and how to build the student."""
 
-    teacher_model: str = field(
-        default="embedded:teacher",
+    teacher_model: str | None = field(
+        default=None,
         metadata={"help": "Teacher: hub id or local path loaded with from_pretrained; 'embedded:teacher' is the "
-                          "tiny offline default."},
+                          "tiny offline default. Required (unless teacher_logits); a run with no model or data "
+                          "arguments uses the embedded demo config."},
     )
     student_model: str | None = field(
-        default="embedded:student",
+        default=None,
         metadata={"help": "Student: hub id or local path. With student_init=fresh only its config is used; with "
                           "student_init=teacher_layers it is ignored."},
     )
@@ -409,9 +411,6 @@ class ModelArguments:
                self.student_layer_strategy, "linspace or every_other")
         for name in ("teacher_dtype", "student_dtype"):
             check_field(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {', '.join(DTYPES)}")
-        if self.student_init != "teacher_layers" and not self.student_model:
-            raise ValueError(f"student_model is required with student_init={self.student_init}; "
-                             "set it, or use student_init=teacher_layers to build the student from the teacher.")
         check_field(self.student_num_layers is None or self.student_num_layers >= 1, "student_num_layers",
                self.student_num_layers, "an integer >= 1")
         if self.student_layers is not None:
@@ -431,8 +430,8 @@ class ModelArguments:
 class DataArguments:
     """Where the training / evaluation text comes from and how it becomes token ids and labels."""
 
-    dataset: str = field(
-        default="embedded:train",
+    dataset: str | None = field(
+        default=None,
         metadata={"help": "Training data: a .jsonl/.json file, a folder written by Dataset.save_to_disk, or a hub "
                           "dataset name. Rows have 'text', or 'prompt' + 'response' (or 'completion'), or "
                           "'messages' (chat format)."},
@@ -440,7 +439,7 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub / saved dataset to train on."})
     eval_dataset: str | None = field(
-        default="embedded:heldout",
+        default=None,
         metadata={"help": "Held-out data for the final report (same formats as dataset); empty to skip."},
     )
     eval_split: str = field(default="train", metadata={"help": "Split of eval_dataset to use."})
@@ -452,7 +451,7 @@ class DataArguments:
     messages_field: str = field(
         default="messages", metadata={"help": "Column with chat messages; loss only on assistant turns."}
     )
-    max_length: int = field(default=256, metadata={"help": "Maximum tokens per training sequence (longer is truncated)."})
+    max_length: int = field(default=1024, metadata={"help": "Maximum tokens per training sequence (longer is truncated)."})
     packing: bool = field(
         default=False,
         metadata={"help": "For 'text' data: concatenate documents and cut into max_length blocks (no padding, "
@@ -473,7 +472,7 @@ class DataArguments:
 # ------------------------------------------------------------------------------------ YAML + CLI
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or flag that cannot be used as given."""
 
 
@@ -536,7 +535,7 @@ def parse_args_and_config(dataclass_types, argv: list[str] | None = None):
         data = load_yaml(config_path)
         check_known_keys(data, dataclass_types, config_path)
         parser.set_defaults(**data)
-    outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    outputs = _built(lambda: parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True))
     *instances, remaining = outputs
     remaining = [r for r in remaining if r]
     if remaining:
@@ -551,4 +550,16 @@ def config_from_dict(dataclass_types, values: dict, base: str | Path | None = No
     command line: how one job configures another (no argv strings in between)."""
     data = {**(load_yaml(base) if base else {}), **values}
     check_known_keys(data, dataclass_types, f"{base or 'config'}")
-    return tuple(HfArgumentParser(dataclass_types).parse_dict(data))
+    return tuple(_built(lambda: HfArgumentParser(dataclass_types).parse_dict(data)))
+
+
+def _built(make):
+    """``make()``, with a ``ValueError`` raised while the dataclasses are built (a range check in ``__post_init__``,
+    ours or ``TrainingArguments``') turned into a :class:`ConfigError`: a setting the user chose, so the command line
+    shows one message, not a traceback. (Not prefixed with ``source``: the value may come from the command line.)"""
+    try:
+        return make()
+    except UserError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err

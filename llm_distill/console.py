@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from llm_distill.jobs import setup_logging
+from llm_distill.jobs import run_cli
 
 # verb -> (job module, what it does, the script that runs the same job)
 VERBS = {
@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-distill: unknown verb {verb!r}.\n\n{usage()}", file=sys.stderr)
         return 2
     job = importlib.import_module(f"llm_distill.jobs.{VERBS[verb][0]}")
-    setup_logging()
-    job.main(rest)
-    return 0
+    return run_cli(job.main, rest)  # a user's error: one `error: ...` line and exit status 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ student to stop there; its only label is the EOS token (or the chat template's e
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from transformers import DataCollatorForLanguageModeling
 
+from llm_distill.errors import UserError
+from llm_distill.jsonl import read_json, read_jsonl
 from llm_distill.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError):
     """A training row that cannot be used, with its location and the fix."""
 
 
@@ -81,9 +82,21 @@ def _teacher_stopped_at_once(row: dict) -> bool:
     return row.get("finish_reason") == "eos"
 
 
-def validate_row(row: dict, fmt: str, fields: Fields, where: str) -> None:
+FORMAT_NAMES = {"text": "'text'", "prompt_response": "prompt/response", "messages": "chat ('messages')"}
+
+
+def validate_row(row: dict, fmt: str, fields: Fields, where: str, first: str | None = None) -> None:
+    """Check one row of format ``fmt``; ``first`` (where the first row is) turns a row of another format into one
+    clear error instead of a confusing "field ... is missing"."""
     if not isinstance(row, dict):
         raise DataValidationError(f"{where}: each row must be a JSON object, got {type(row).__name__}.")
+    try:
+        own = detect_format(row.keys(), fields, where)
+    except DataValidationError:
+        own = fmt  # nothing recognisable: the checks below name the missing field
+    if first is not None and own != fmt:
+        raise DataValidationError(f"{where}: a {FORMAT_NAMES[own]} row, but {first} is a {FORMAT_NAMES[fmt]} row; "
+                                  "use one format in every row of a file (or split it into two files).")
     if fmt == "text":
         _nonempty_str(row, fields.text, where)
     elif fmt == "prompt_response":
@@ -105,27 +118,55 @@ def validate_row(row: dict, fmt: str, fields: Fields, where: str) -> None:
                                       "is nothing to learn from this row.")
 
 
+def _response_key(row: dict, fields: Fields, where: str) -> str:
+    """The response column a prompt/response row uses: ``fields.response`` or its alias ``completion``, never both."""
+    if fields.response in row and "completion" in row and fields.response != "completion":
+        raise DataValidationError(f"{where}: the row has both '{fields.response}' and 'completion'; keep one (they "
+                                  "are the same field).")
+    return fields.response if fields.response in row or "completion" not in row else "completion"
+
+
+def validate_rows(rows, fields: Fields) -> str:
+    """Check every ``(where, row)`` of :mod:`llm_distill.jsonl`'s readers (a row may be the reader's error); return
+    the detected format. Raises on the first bad row, so the error is reported once, without follow-on errors.
+
+    Beyond :func:`validate_row`: every row must have the first row's format, and prompt/response rows must all name
+    the response the same way (``response`` or ``completion``: a file that mixes them would leave ``None`` in one
+    column of the loaded table)."""
+    fmt = first = response_key = None
+    for where, row in rows:
+        if isinstance(row, Exception):
+            raise row
+        if not isinstance(row, dict):
+            raise DataValidationError(f"{where}: each line must be a JSON object, got {type(row).__name__}.")
+        if fmt is None:
+            fmt, first = detect_format(row.keys(), fields, where), where
+        validate_row(row, fmt, fields, where, first)
+        if fmt == "prompt_response":
+            key = _response_key(row, fields, where)
+            if response_key is not None and key != response_key[0]:
+                raise DataValidationError(f"{where}: the response is in '{key}' but {response_key[1]} has it in "
+                                          f"'{response_key[0]}'; use one name in every row.")
+            response_key = response_key or (key, where)
+    if fmt is None:
+        raise DataValidationError("the file has no rows.")
+    return fmt
+
+
+def validate_json(path: Path, fields: Fields) -> str:
+    """Check every row of a ``.json`` file (an array of objects: ``row <i>`` from 1; or JSON Lines)."""
+    try:
+        return validate_rows(read_json(path, DataValidationError), fields)
+    except DataValidationError as err:
+        raise DataValidationError(f"{path}: {err}") if str(err) == "the file has no rows." else err
+
+
 def validate_jsonl(path: Path, fields: Fields) -> str:
     """Check every line of a JSONL file; return the detected format. Raises on the first bad line."""
-    fmt = None
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataValidationError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).") from err
-            if not isinstance(row, dict):
-                raise DataValidationError(f"{where}: each line must be a JSON object, got {type(row).__name__}.")
-            fmt = fmt or detect_format(row.keys(), fields, where)
-            validate_row(row, fmt, fields, where)
-            n += 1
-    if n == 0:
-        raise DataValidationError(f"{path}: the file has no rows.")
-    return fmt
+    try:
+        return validate_rows(read_jsonl(path, DataValidationError), fields)
+    except DataValidationError as err:
+        raise DataValidationError(f"{path}: {err}") if str(err) == "the file has no rows." else err
 
 
 def load_rows(source: str, split: str = "train", config_name: str | None = None, fields: Fields | None = None):
@@ -138,13 +179,8 @@ def load_rows(source: str, split: str = "train", config_name: str | None = None,
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise DataValidationError(f"Data file {path} does not exist.")
-        fmt = validate_jsonl(path, fields) if path.suffix == ".jsonl" else None
-        ds = load_dataset("json", data_files=str(path), split="train")
-        if fmt is None:  # .json: validate after loading, rows are numbered from 1
-            fmt = detect_format(ds.column_names, fields, str(path))
-            for i, row in enumerate(ds):
-                validate_row(row, fmt, fields, f"{path} row {i + 1}")
-        return ds, fmt
+        fmt = validate_jsonl(path, fields) if path.suffix == ".jsonl" else validate_json(path, fields)
+        return load_dataset("json", data_files=str(path), split="train"), fmt
     if path.is_dir():
         ds = load_from_disk(str(path))
         if hasattr(ds, "keys"):  # a DatasetDict

@@ -20,13 +20,28 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 
+from llm_distill.data import Fields, for_masked_lm, load_rows, mask_once, prepare_dataset
 from llm_distill.distributed import is_sharded
+from llm_distill.head_features import HeadFeatures, LMHeadPath
 from llm_distill.losses import IGNORE_INDEX
+
+
+def heldout_set(source: str, tokenizer, data_args, max_samples: int | None, seed: int, masked: bool = False,
+                mlm_probability: float = 0.15):
+    """The held-out set every job scores on, built one way: rows of ``source`` (``data_args.eval_split``), validated,
+    tokenised as ``data_args`` says (packed into ``max_length`` blocks or not, as the run says), a seeded subset of
+    ``max_samples``; for masked LMs masked once, deterministically (every model is scored on the same masks). The
+    same file, settings and seed give the same set, so prune and distill report the same perplexity for one model."""
+    rows, fmt = load_rows(source, data_args.eval_split, data_args.dataset_config, Fields.from_args(data_args))
+    dataset = prepare_dataset(rows, fmt, tokenizer, data_args, max_samples, seed, "eval")
+    if masked:
+        dataset = mask_once(for_masked_lm(dataset, fmt, source), tokenizer, mlm_probability, seed)
+    return dataset
 
 
 @torch.no_grad()
 def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, reference: str | None = "teacher",
-                    shift_labels: bool = True) -> dict[str, dict[str, float]]:
+                    shift_labels: bool = True, chunk_size: int = 256) -> dict[str, dict[str, float]]:
     """Perplexity and top-1 accuracy of every model in ``models``, and its top-1 agreement with ``models[reference]``.
 
     The dataset is split across processes (no row is counted twice); sums are reduced. When a model is
@@ -46,6 +61,7 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
         filler = collator([dataset[0]])
         batches += [(filler, False)] * (n_max - len(batches))
     sums = {name: torch.zeros(4, dtype=torch.float64, device=device) for name in models}  # nll, tokens, agree, correct
+    paths = {name: LMHeadPath("teacher", quiet=True) for name in models}  # frozen here: the decoder, then the head
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -56,11 +72,10 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
         valid = (targets != IGNORE_INDEX) & counted
         argmax = {}
         for name, model in models.items():
-            logits = model(**batch).logits
-            logits = (logits[:, :-1] if shift_labels else logits)[valid].float()  # (N, V)
-            sums[name][0] += F.cross_entropy(logits, targets[valid], reduction="sum").double()
+            features = paths[name](model, batch)
+            nll, argmax[name] = scored_positions(features, valid, targets[valid], shift_labels, chunk_size)
+            sums[name][0] += nll
             sums[name][1] += valid.sum()
-            argmax[name] = logits.argmax(-1)
             sums[name][3] += (argmax[name] == targets[valid]).sum()
         if reference in argmax:
             for name in models:
@@ -77,6 +92,27 @@ def evaluate_models(models: dict, dataset, collator, batch_size: int = 8, refere
         if reference in models:
             results[name]["top1_agreement"] = agree / tokens
     return results
+
+
+def scored_positions(features: HeadFeatures, valid: torch.Tensor, targets: torch.Tensor, shift_labels: bool = True,
+                     chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (float64) of ``targets`` and the argmax token at the ``valid`` positions ``(B, S')`` of ``features``
+    (``S' = S - 1`` with ``shift_labels``: position t predicts token t + 1). Fused features are projected through
+    the head ``chunk_size`` positions at a time, in the head's dtype and then fp32, as the model's own forward
+    computes its logits; fallback logits are only gathered."""
+    x = features.features[:, :-1] if shift_labels else features.features
+    x = x[valid]  # (N, H) hidden states or (N, V) logits
+    nll = torch.zeros((), dtype=torch.float64, device=x.device)
+    argmax = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    step = chunk_size if features.weight is not None and chunk_size > 0 else max(1, x.shape[0])
+    for start in range(0, x.shape[0], step):
+        chunk = x[start : start + step]
+        if features.weight is not None:
+            chunk = F.linear(chunk.to(features.weight.dtype), features.weight, features.bias)
+        logits = chunk.float()  # (n, V)
+        nll += F.cross_entropy(logits, targets[start : start + step], reduction="sum").double()
+        argmax[start : start + step] = logits.argmax(-1)
+    return nll, argmax
 
 
 @torch.no_grad()

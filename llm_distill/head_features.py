@@ -73,9 +73,10 @@ def plain_lm_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
 class LMHeadPath:
     """Per-model decision (made on the first batch) and feature extraction for the fused loss."""
 
-    def __init__(self, role: str):
+    def __init__(self, role: str, quiet: bool = False):
         self.role = role  # "student" (trained, possibly wrapped) or "teacher" (frozen, called directly)
         self.fused: bool | None = None
+        self.quiet = quiet  # evaluation: the decision is logged at DEBUG (it is made once per evaluated model)
 
     def __call__(self, model: torch.nn.Module, inputs: dict, need_hidden: bool = False) -> HeadFeatures:
         if self.fused is None:
@@ -104,7 +105,9 @@ class LMHeadPath:
             head, why = None, "it has no get_decoder()"
         if head is not None:
             why = self._probe(model, inputs, head)
-        if why:
+        if why and self.quiet:
+            logger.debug("Memory-lean path: the %s's logits are built in full because %s.", self.role, why)
+        elif why:
             logger.warning("Memory-lean loss: the %s's logits are built in full because %s; the loss is still "
                            "computed in chunks.", self.role, why)
         else:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
+from llm_distill.errors import ModelLoadError, UserError
 from llm_distill.pruning import fresh_pruned, is_pruned_dir, load_pruned
 
 logger = logging.getLogger(__name__)
@@ -24,8 +27,34 @@ def to_dtype(name: str):
     return "auto" if name == "auto" else _DTYPES[name]
 
 
+_MARKERS = {"tokenizer": ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")}
+
+
+@contextmanager
+def loading(name_or_path: str, what: str = "model"):
+    """Turn the error ``from_pretrained`` raises for a name it cannot load (an ``OSError``: no such folder, a hub id
+    with no network; a ``ValueError``: a local folder with no config.json / tokenizer files in it) into a
+    :class:`ModelLoadError` naming it and the fix: a user's path, not our bug."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:
+        folder = Path(str(name_or_path))
+        markers = _MARKERS.get(what, ("config.json",))
+        if isinstance(err, ValueError) and not (folder.is_dir() and not any((folder / m).exists() for m in markers)):
+            raise  # a folder with the files in it: not a path problem
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if folder.is_dir() and not any((folder / m).exists() for m in markers):
+            first = f"the folder has no {' / '.join(markers)}."
+        kind = "a local folder" if folder.exists() else "not a local folder"
+        raise ModelLoadError(f"{what} {name_or_path!r} ({kind}) cannot be loaded: {first} Give a folder written by "
+                             "save_pretrained, or a hub id (reachable, or in the local cache).") from err
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with loading(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often ship without a pad token; EOS is the usual stand-in (masked in labels).
         tokenizer.pad_token = tokenizer.eos_token
@@ -44,7 +73,8 @@ def _load(auto_class, name_or_path: str, dtype: str, attn_implementation: str | 
     path = name_or_path
     if is_pruned_dir(path):  # written by scripts/prune.py: per-layer shapes may differ from config.json's
         return load_pruned(path, **kwargs)
-    return auto_class.from_pretrained(path, **kwargs)
+    with loading(path):
+        return auto_class.from_pretrained(path, **kwargs)
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
@@ -59,7 +89,8 @@ def lm_kind(config, trust_remote_code: bool = False) -> str:
     and then an encoder family with a masked-LM head (BERT, DistilBERT, RoBERTa ...) not configured as a decoder
     (``is_decoder``) is a masked LM."""
     if isinstance(config, str):
-        config = AutoConfig.from_pretrained(config, trust_remote_code=trust_remote_code)
+        with loading(config):
+            config = AutoConfig.from_pretrained(config, trust_remote_code=trust_remote_code)
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         return "masked" if any(a.endswith("ForMaskedLM") for a in architectures) else "causal"
@@ -77,7 +108,8 @@ def load_masked_lm(name_or_path: str, dtype: str = "auto", attn_implementation: 
 def load_lm(name_or_path: str, dtype: str = "auto", attn_implementation: str | None = None,
             trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal or masked LM, whichever the checkpoint is (:func:`lm_kind`)."""
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with loading(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     load = load_masked_lm if lm_kind(config) == "masked" else load_causal_lm
     return load(name_or_path, dtype, attn_implementation, trust_remote_code)
 
@@ -88,7 +120,8 @@ def fresh_lm(config_source: str, seed: int, dtype: str = "float32", trust_remote
     path = config_source
     if is_pruned_dir(path):  # config.json alone may describe the unpruned skeleton
         return fresh_pruned(path, seed=seed, dtype=_DTYPES.get(dtype, torch.float32))
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with loading(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     auto = AutoModelForMaskedLM if lm_kind(config) == "masked" else AutoModelForCausalLM
     model = auto.from_config(config, trust_remote_code=trust_remote_code)
@@ -99,7 +132,7 @@ def vocab_size_of(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(UserError):
     pass
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from llm_distill.errors import UserError
 from llm_distill.layers import keep_layers_in_config, renumber_layer_idx
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ SHAPES_KEY = "llm_distill_layer_shapes"  # config.json key with every layer's sh
 GQA_MODES = ("groups", "per_group")
 
 
-class PruningPlanError(ValueError):
+class PruningPlanError(UserError):
     """A pruning plan that cannot be applied to this model; nothing was modified."""
 
 

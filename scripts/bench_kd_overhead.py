@@ -2,6 +2,7 @@
 
     python scripts/bench_kd_overhead.py                     # configs/default.yaml: teacher 4x256, student 2x128, 8 x 256 tokens
     python scripts/bench_kd_overhead.py --reps 40 --loss_type jsd
+    python scripts/bench_kd_overhead.py --loss_types all    # all six divergences in ONE interleaved run
     python scripts/bench_kd_overhead.py --config my.yaml    # any distill config (models, data, batch size)
 
 overhead = (KD step) / (student fine-tuning step + teacher forward), the issue's definition: 1.0 means the
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from llm_distill.data import DistillationCollator  # noqa: E402
+from llm_distill.losses import LOSS_TYPES  # noqa: E402
 from llm_distill.jobs.distill import load_everything, parse  # noqa: E402
 from llm_distill.trainer import DistillationTrainer  # noqa: E402
 
@@ -67,25 +69,34 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30, help="timed rounds (each runs all four measurements)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench_results/kd_overhead.json")
+    parser.add_argument("--loss_types", default=None,
+                        help="comma-separated loss types (or 'all'): one memory-lean KD trainer per type, all measured "
+                             "in the same alternating rounds (the plain-loss row is then left out)")
     args, distill_argv = parser.parse_known_args()
     model_args, data_args, train_args = parse([*distill_argv, "--output_dir", "outputs/bench_kd_overhead"])
     tokenizer, teacher, student, train_ds, _ = load_everything(model_args, data_args, train_args)
     collator = DistillationCollator(tokenizer)
 
-    def kd_trainer(chunk: int) -> DistillationTrainer:
-        kd_args = parse([*distill_argv, "--output_dir", "outputs/bench_kd_overhead", "--loss_chunk_size", str(chunk)])[2]
+    def kd_trainer(chunk: int, *extra: str) -> DistillationTrainer:
+        kd_args = parse([*distill_argv, "--output_dir", "outputs/bench_kd_overhead", "--loss_chunk_size", str(chunk),
+                         *extra])[2]
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=kd_args, data_collator=collator,
                                       processing_class=tokenizer)
         trainer.create_optimizer()
         return trainer
 
-    trainers = {"kd (memory-lean loss)": kd_trainer(train_args.loss_chunk_size or 256), "kd (plain loss)": kd_trainer(0)}
+    chunk = train_args.loss_chunk_size or 256
+    if args.loss_types:
+        names = LOSS_TYPES if args.loss_types == "all" else tuple(args.loss_types.split(","))
+        trainers = {f"kd {name} (memory-lean loss)": kd_trainer(chunk, "--loss_type", name) for name in names}
+    else:
+        trainers = {"kd (memory-lean loss)": kd_trainer(chunk), "kd (plain loss)": kd_trainer(0)}
     sft = Trainer(model=student, args=TrainingArguments(output_dir="outputs/bench_kd_overhead", report_to="none",
                                                         learning_rate=train_args.learning_rate, use_cpu=train_args.use_cpu),
                   data_collator=collator, processing_class=tokenizer)
     sft.create_optimizer()
     trainers["fine-tuning step"] = sft
-    teacher_model = trainers["kd (plain loss)"].teacher_model
+    teacher_model = next(iter(trainers.values())).teacher_model
 
     loader = DataLoader(train_ds, batch_size=train_args.per_device_train_batch_size, shuffle=True,
                         collate_fn=collator, generator=torch.Generator().manual_seed(train_args.seed))
@@ -102,7 +113,7 @@ def main() -> None:
     baseline = med["fine-tuning step"] + med["teacher forward"]
     rows = [(name, med[name], med[name] / baseline if name.startswith("kd") else None) for name in times]
     tokens = batches[0]["input_ids"].numel()
-    print(f"\nbatch {tuple(batches[0]['input_ids'].shape)}, loss_type {train_args.loss_type}, "
+    print(f"\nbatch {tuple(batches[0]['input_ids'].shape)}, loss_type {args.loss_types or train_args.loss_type}, "
           f"{args.reps} interleaved rounds, medians, {torch.get_num_threads()} threads\n")
     print("| step | median ms | tokens/s | / (fine-tuning step + teacher forward) |")
     print("| --- | ---: | ---: | ---: |")
@@ -111,7 +122,7 @@ def main() -> None:
     print(f"| fine-tuning step + teacher forward | {1000 * baseline:.1f} | {tokens / baseline:,.0f} | 1.000 |")
     result = {
         "command": "python " + " ".join(sys.argv),
-        "batch_shape": list(batches[0]["input_ids"].shape), "loss_type": train_args.loss_type, "reps": args.reps,
+        "batch_shape": list(batches[0]["input_ids"].shape), "loss_type": args.loss_types or train_args.loss_type, "reps": args.reps,
         "median_seconds": med, "overhead_ratio": {n: r for n, _, r in rows if r is not None},
         "all_seconds": times,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),

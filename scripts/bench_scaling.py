@@ -78,7 +78,8 @@ def build(out: Path, preset: str, seed: int = 0) -> None:
 
 def run(models: Path, name: str, extra: list[str]) -> None:
     spec = json.loads((models / "preset.json").read_text())
-    argv = ["--teacher_model", str(models / "teacher"), "--student_model", str(models / "student"),
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"),  # its data + recipe
+            "--teacher_model", str(models / "teacher"), "--student_model", str(models / "student"),
             "--student_init", "fresh", "--teacher_dtype", "bfloat16", "--max_length", str(spec["max_length"]),
             "--max_train_samples", "100000", "--max_steps", "30", "--per_device_train_batch_size", "4",
             "--logging_steps", "10", "--eval_dataset", "", "--save_strategy", "no",

@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from llm_distill.jobs import setup_logging  # noqa: E402
+from llm_distill.jobs import run_cli  # noqa: E402
 from llm_distill.jobs.distill import main  # noqa: E402
 
 if __name__ == "__main__":
-    setup_logging()
-    main(sys.argv[1:])
+    sys.exit(run_cli(main))

@@ -173,7 +173,7 @@ def test_prune_script_on_a_masked_lm_then_distil_it(bert_paths, tmp_path):
 
     out = tmp_path / "pruned"
     data = ["--dataset", str(bert_paths["train"]), "--eval_dataset", str(bert_paths["eval"]), "--max_length", "32",
-            "--max_eval_samples", "8", "--mlm_probability", "0.15"]
+            "--max_eval_samples", "8", "--mlm_probability", "0.15", "--packing", "true"]  # prune packs as told (#18)
     results = run_pruning(["--model", str(bert_paths["teacher"]), "--output_dir", str(out), "--keep_heads", "2",
                            "--drop_layers", "1", "--standard_config", "false", "--importance", "gradient",
                            "--calibration_samples", "4", "--batch_size", "2", "--latency_repeats", "0", *data])

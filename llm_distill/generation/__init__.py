@@ -42,11 +42,12 @@ from llm_distill.generation.prompts import (
     use_chat_template,
 )
 from llm_distill.generation.rows import fingerprint_of, make_rows
+from llm_distill.generation.sampling import RowSampler, row_seed
 from llm_distill.generation.store import OutputExistsError, ShardStore, read_rows, repair_jsonl, row_key
 
 __all__ = [
     "BACKENDS", "CHAT_TEMPLATE_MODES", "OVER_LENGTH", "GenerateArguments", "Completion", "HFBackend", "VLLMBackend",
     "Prompt", "PromptValidationError", "conversation", "encode_prompts", "load_prompts", "plan_batches",
     "use_chat_template", "fingerprint_of", "make_rows", "OutputExistsError", "ShardStore", "read_rows",
-    "repair_jsonl", "row_key",
+    "repair_jsonl", "row_key", "RowSampler", "row_seed",
 ]

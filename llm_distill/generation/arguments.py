@@ -16,9 +16,10 @@ class GenerateArguments:
     """Everything ``scripts/generate.py`` needs: teacher, prompts, sampling, batching, output."""
 
     # --- teacher
-    teacher_model: str = field(
-        default="embedded:teacher",
-        metadata={"help": "Teacher: hub id or local path (from_pretrained); 'embedded:teacher' is the tiny offline default."},
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "Teacher: hub id or local path (from_pretrained); 'embedded:teacher' is the tiny offline "
+                          "default (required; a bare `scripts/generate.py` runs the embedded demo config)."},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path or hub id (default: the teacher's)."})
     teacher_dtype: str = field(default="auto", metadata={"help": f"dtype of the teacher, one of {', '.join(DTYPES)}."})
@@ -30,9 +31,9 @@ class GenerateArguments:
                           "left-padded; the tested default); vllm = vLLM offline inference (needs `pip install vllm`)."},
     )
     # --- prompts
-    prompts: str = field(
-        default="embedded:train",
-        metadata={"help": "Prompts: a .jsonl file (rows with prompt_field or messages_field), a .txt file (one prompt "
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "Prompts (required): a .jsonl file (rows with prompt_field or messages_field), a .txt file (one prompt "
                           "per line), a Dataset.save_to_disk folder, or a hub dataset name."},
     )
     prompts_split: str = field(default="train", metadata={"help": "Split of a hub / saved dataset."})
@@ -81,8 +82,8 @@ class GenerateArguments:
     num_return_sequences: int = field(
         default=1, metadata={"help": "Responses per prompt (> 1 needs do_sample); rows get a sample_index."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed; batch i samples with seed + i, so a resumed or "
-                                                    "re-sharded run draws the same samples."})
+    seed: int = field(default=42, metadata={"help": "Seed; a row's samples depend only on (seed, id, sample_index), "
+                                                    "so a resumed, re-batched or re-sharded run writes the same file."})
     logprobs: int = field(
         default=0,
         metadata={"help": "Keep the teacher's top-k log-probabilities (raw, temperature 1) of every generated token "

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from transformers.generation.logits_process import LogitsProcessorList
+
 from llm_distill.generation.arguments import GenerateArguments
 from llm_distill.generation.prompts import Prompt
+from llm_distill.generation.sampling import RowSampler, row_seed
 
 
 @dataclass
@@ -31,11 +34,11 @@ class HFBackend:
         self.model, self.args = model.eval(), args
         self.eos_ids = set(eos_token_ids(model, tokenizer))
         self.pad_id = pad_token_id(tokenizer)
+        # do_sample=False: sampling is RowSampler's, row by row (a row's draws depend on (seed, id, sample_index) only)
         self.generation_config = make_generation_config(
             sorted(self.eos_ids), self.pad_id, tokenizer.bos_token_id, max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
-            output_logits=args.logprobs > 0)
+            do_sample=False, repetition_penalty=args.repetition_penalty, output_logits=args.logprobs > 0)
+        self.sampler = RowSampler(args.temperature, args.top_k, args.top_p) if args.do_sample else None
 
     @property
     def device(self):
@@ -46,10 +49,18 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
-        """``num_return_sequences`` completions per prompt, in batch order."""
+        """``num_return_sequences`` completions per prompt, in batch order. Sampled rows depend only on ``(seed,
+        prompt id, sample_index)`` (:class:`RowSampler`), never on the batch around them."""
         input_ids, attention_mask = self.left_pad(batch)                   # (B, P)
-        k = self.args.logprobs
-        out = sample(self.model, input_ids, attention_mask, self.generation_config, seed)
+        k, n = self.args.logprobs, self.args.num_return_sequences
+        extra = {}
+        if n > 1:  # each prompt n times in a row (generate's own expansion is for sampling mode only)
+            input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        if self.sampler is not None:  # prompt-major, then sample: the rows' order
+            self.sampler.start([row_seed(seed, p.id, s) for p in batch for s in range(n)])
+            extra["logits_processor"] = LogitsProcessorList([self.sampler])
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  generation_config=self.generation_config, **extra)
         new = out.sequences[:, input_ids.shape[1]:].tolist()               # (B * n, <= max_new_tokens)
         if k > 0:  # raw teacher logits (before temperature / top-k warping), one (B * n, V) tensor per step
             top = [torch.log_softmax(step.float(), dim=-1).topk(k, dim=-1) for step in out.logits]
@@ -62,7 +73,6 @@ class HFBackend:
                 c.top_ids = [top[s].indices[row].tolist() for s in range(len(tokens))]
                 c.top_logprobs = [[round(v, 5) for v in top[s].values[row].tolist()] for s in range(len(tokens))]
             completions.append(c)
-        n = self.args.num_return_sequences
         return [completions[i * n : (i + 1) * n] for i in range(len(batch))]
 
 
@@ -89,7 +99,7 @@ class VLLMBackend:
     def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
         a = self.args
         params = [self.SamplingParams(
-            n=a.num_return_sequences, max_tokens=a.max_new_tokens, seed=seed * 1_000_003 + p.index,
+            n=a.num_return_sequences, max_tokens=a.max_new_tokens, seed=row_seed(seed, p.id, 0),
             temperature=a.temperature if a.do_sample else 0.0, top_p=a.top_p if a.do_sample else 1.0,
             top_k=(a.top_k or -1) if a.do_sample else -1, repetition_penalty=a.repetition_penalty,
             logprobs=a.logprobs or None) for p in batch]

@@ -8,18 +8,19 @@ processes: that is what makes 1-process, N-process and resumed runs write identi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_distill.data import ROLES
+from llm_distill.errors import UserError
 from llm_distill.generation.arguments import GenerateArguments
+from llm_distill.jsonl import read_json, read_jsonl, read_lines
 
 logger = logging.getLogger(__name__)
 
 
-class PromptValidationError(ValueError):
+class PromptValidationError(UserError):
     """Prompts that cannot be used as given, with file, line and field."""
 
 
@@ -34,32 +35,21 @@ class Prompt:
 
 
 def _read_source(args: GenerateArguments):
-    """Yield ``(where, row)`` for every prompt row; ``row`` may be anything (validated by the caller)."""
+    """Yield ``(where, row)`` for every prompt row; ``row`` may be anything (validated by the caller), or a
+    :class:`PromptValidationError` from the shared reader (not UTF-8, not JSON, a lone surrogate)."""
     path = Path(args.prompts)
-    if path.suffix == ".jsonl" or (path.is_file() and path.suffix == ".json"):
-        if not path.is_file():
-            raise PromptValidationError(f"Prompt file {path} does not exist.")
-        if path.suffix == ".json":
-            from datasets import load_dataset
-
-            for i, row in enumerate(load_dataset("json", data_files=str(path), split="train")):
-                yield f"{path} row {i + 1}", row
-            return
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield where, PromptValidationError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).")
+    if path.suffix in (".jsonl", ".json", ".txt") and not path.is_file():
+        raise PromptValidationError(f"Prompt file {path} does not exist (prompts: a .jsonl / .json / .txt file, a "
+                                    "saved dataset folder or a hub dataset name).")
+    if path.suffix == ".jsonl":
+        yield from read_jsonl(path, PromptValidationError)
+        return
+    if path.is_file() and path.suffix == ".json":
+        yield from read_json(path, PromptValidationError)
         return
     if path.is_file():  # plain text: one prompt per line, blank lines skipped
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    yield f"{path} line {lineno}", {args.prompt_field: line.rstrip("\r\n")}
+        for where, line in read_lines(path, PromptValidationError):
+            yield where, line if isinstance(line, Exception) else {args.prompt_field: line}
         return
     from datasets import load_dataset, load_from_disk
 
@@ -86,52 +76,61 @@ def _validate_messages(messages, where: str, name: str) -> str | None:
     return None
 
 
+def _prompt_of(row, where: str, rownum: int, args: GenerateArguments) -> Prompt | str:
+    """One row as a :class:`Prompt` (``index`` set by the caller), or the message saying why it cannot be one. A row
+    without ``id_field`` gets its row number (0-based) as id: an id of its own, whatever happened to other rows."""
+    if isinstance(row, Exception):
+        return str(row)
+    if not isinstance(row, dict):
+        return f"{where}: each row must be a JSON object, got {type(row).__name__}."
+    pid = row.get(args.id_field, rownum)
+    if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+        return f"{where}: field '{args.id_field}' must be a string or an integer, got {type(pid).__name__}."
+    if args.messages_field in row and row[args.messages_field] is not None:
+        problem = _validate_messages(row[args.messages_field], where, args.messages_field)
+        return problem or Prompt(-1, pid, messages=row[args.messages_field])
+    if args.prompt_field not in row:
+        return (f"{where}: field '{args.prompt_field}' is missing (rows need '{args.prompt_field}' or "
+                f"'{args.messages_field}'; set prompt_field / messages_field to your column names).")
+    text = row[args.prompt_field]
+    if not isinstance(text, str):
+        return f"{where}: field '{args.prompt_field}' must be a string, got {type(text).__name__}."
+    if args.prompt_max_lines:
+        text = "".join(text.splitlines(keepends=True)[: args.prompt_max_lines])
+    if not text.strip():
+        return f"{where}: field '{args.prompt_field}' is empty."
+    return Prompt(-1, pid, prompt=text)
+
+
+def _report(errors: list[tuple[str, str]], source: str, max_errors: int) -> PromptValidationError:
+    """One error for every bad row: a problem repeated on many rows (a missing field) is listed once, with a count."""
+    groups: dict[str, list[str]] = {}
+    for where, message in errors:
+        groups.setdefault(message.removeprefix(f"{where}: "), []).append(message)
+    lines = [msgs[0] + (f" (and {len(msgs) - 1} more row(s) with the same problem)" if len(msgs) > 1 else "")
+             for msgs in groups.values()]
+    more = "\n... and more; fix these first." if len(lines) > max_errors else ""
+    return PromptValidationError(f"{len(errors)} bad prompt row(s) in {source}:\n  " + "\n  ".join(lines[:max_errors])
+                                 + more)
+
+
 def load_prompts(args: GenerateArguments, max_errors: int = 10) -> list[Prompt]:
-    """Read and validate every prompt; raise one error listing the first ``max_errors`` bad rows."""
+    """Read and validate every prompt; raise one error listing the bad rows (each problem once)."""
     prompts, errors, seen = [], [], {}
-    for where, row in _read_source(args):
+    for rownum, (where, row) in enumerate(_read_source(args)):
         if args.max_prompts is not None and len(prompts) >= args.max_prompts:
             break
-        if isinstance(row, Exception):
-            errors.append(str(row))
-            continue
-        if not isinstance(row, dict):
-            errors.append(f"{where}: each row must be a JSON object, got {type(row).__name__}.")
-            continue
-        index = len(prompts)
-        pid = row.get(args.id_field, index)
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
-            errors.append(f"{where}: field '{args.id_field}' must be a string or an integer, got {type(pid).__name__}.")
-            continue
-        if pid in seen:
-            errors.append(f"{where}: id {pid!r} already used at {seen[pid]}; ids must be unique.")
-            continue
-        seen[pid] = where
-        if args.messages_field in row and row[args.messages_field] is not None:
-            problem = _validate_messages(row[args.messages_field], where, args.messages_field)
-            if problem:
-                errors.append(problem)
-                continue
-            prompts.append(Prompt(index, pid, messages=row[args.messages_field]))
-            continue
-        if args.prompt_field not in row:
-            errors.append(f"{where}: field '{args.prompt_field}' is missing (rows need '{args.prompt_field}' or "
-                          f"'{args.messages_field}'; set prompt_field / messages_field to your column names).")
-            continue
-        text = row[args.prompt_field]
-        if not isinstance(text, str):
-            errors.append(f"{where}: field '{args.prompt_field}' must be a string, got {type(text).__name__}.")
-            continue
-        if args.prompt_max_lines:
-            text = "".join(text.splitlines(keepends=True)[: args.prompt_max_lines])
-        if not text.strip():
-            errors.append(f"{where}: field '{args.prompt_field}' is empty.")
-            continue
-        prompts.append(Prompt(index, pid, prompt=text))
+        prompt = _prompt_of(row, where, rownum, args)
+        if isinstance(prompt, str):
+            errors.append((where, prompt))
+        elif prompt.id in seen:
+            errors.append((where, f"{where}: id {prompt.id!r} already used at {seen[prompt.id]}; ids must be unique."))
+        else:
+            seen[prompt.id] = where
+            prompt.index = len(prompts)
+            prompts.append(prompt)
     if errors:
-        more = "\n... and more; fix these first." if len(errors) > max_errors else ""
-        raise PromptValidationError(f"{len(errors)} bad prompt row(s) in {args.prompts}:\n  "
-                                    + "\n  ".join(errors[:max_errors]) + more)
+        raise _report(errors, args.prompts, max_errors)
     if not prompts:
         raise PromptValidationError(f"{args.prompts}: no prompts found.")
     if len({type(p.id) for p in prompts}) > 1:  # mixed int/str ids would break the Arrow schema of the output

@@ -44,4 +44,5 @@ def fingerprint_of(args: GenerateArguments, prompts: list[Prompt], chat: bool, m
         "num_prompts": len(prompts), "chat_template": chat, "system_prompt": args.system_prompt,
         "max_prompt_length": max_prompt_length, "over_length": args.over_length, "logprobs": args.logprobs,
         "num_return_sequences": args.num_return_sequences, "drop_empty": args.drop_empty, **args.sampling_params(),
+        **({"sampler": "per-row seeds (seed, id, sample_index)"} if args.do_sample else {}),
     }

@@ -14,10 +14,12 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from llm_distill.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class OutputExistsError(RuntimeError):
+class OutputExistsError(UserError, RuntimeError):
     """The output path holds data from a different config."""
 
 

@@ -21,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_distill.config import parse_args_and_config
+from llm_distill.data import DataValidationError
 from llm_distill.embedded import resolve
+from llm_distill.jsonl import read_jsonl
 from llm_distill.models import load_causal_lm, load_tokenizer
 from llm_distill.speculative import SpeculativeDecoder, check_gamma, expected_speedup
 
@@ -78,20 +80,20 @@ class BenchArguments:
 def chat_prompt_ids(path: str, rows: list[dict], tokenizer, num_prompts: int) -> list[list[int]]:
     """The first ``num_prompts`` rows as chat prompts: the template applied, the assistant turn opened."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"prompt_format='chat' needs a tokenizer with a chat template; {path}'s tokenizer has none. "
+        raise DataValidationError(f"prompt_format='chat' needs a tokenizer with a chat template; {path}'s tokenizer has none. "
                          "Use prompt_format='window' or a chat model's tokenizer.")
     prompts = []
     for i, row in enumerate(rows[:num_prompts]):
         messages = row.get("messages") or ([{"role": "user", "content": row["prompt"]}] if "prompt" in row else None)
         if not messages:
-            raise ValueError(f"{path} row {i + 1}: prompt_format='chat' needs a 'prompt' or 'messages' field, "
+            raise DataValidationError(f"{path} row {i + 1}: prompt_format='chat' needs a 'prompt' or 'messages' field, "
                              f"has {sorted(row)}.")
         if messages[-1].get("role") == "assistant":  # a finished conversation: prompt with everything before the answer
             messages = messages[:-1]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
     if len(prompts) < num_prompts:
-        raise ValueError(f"{path}: {len(prompts)} rows, num_prompts={num_prompts}; lower num_prompts.")
+        raise DataValidationError(f"{path}: {len(prompts)} rows, num_prompts={num_prompts}; lower num_prompts.")
     return prompts
 
 
@@ -99,16 +101,22 @@ def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, 
                     prompt_format: str = "window") -> list[list[int]]:
     """``num_prompts`` windows of ``prompt_tokens`` tokens, one per file/row, at seeded random offsets; or, with
     ``prompt_format="chat"``, ``num_prompts`` seeded rows as chat prompts (:func:`chat_prompt_ids`)."""
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    rows = []
+    for where, row in read_jsonl(path, DataValidationError):
+        if isinstance(row, Exception):
+            raise row
+        if not isinstance(row, dict):
+            raise DataValidationError(f"{where}: each line must be a JSON object, got {type(row).__name__}.")
+        rows.append((where, row))
     rng = random.Random(seed)
     rng.shuffle(rows)
     if prompt_format == "chat":
-        return chat_prompt_ids(path, rows, tokenizer, num_prompts)
+        return chat_prompt_ids(path, [row for _, row in rows], tokenizer, num_prompts)
     prompts = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         text = row.get("text") or row.get("prompt")
         if text is None:
-            raise ValueError(f"{path} row {i + 1}: needs a 'text' or 'prompt' field, has {sorted(row)}.")
+            raise DataValidationError(f"{where}: needs a 'text' or 'prompt' field, has {sorted(row)}.")
         ids = tokenizer(text[:20_000])["input_ids"]
         if len(ids) < prompt_tokens + 16:
             continue
@@ -116,7 +124,7 @@ def load_prompt_ids(path: str, tokenizer, num_prompts: int, prompt_tokens: int, 
         prompts.append(ids[start: start + prompt_tokens])
         if len(prompts) == num_prompts:
             return prompts
-    raise ValueError(f"{path}: only {len(prompts)} rows are longer than {prompt_tokens + 16} tokens; lower "
+    raise DataValidationError(f"{path}: only {len(prompts)} rows are longer than {prompt_tokens + 16} tokens; lower "
                      "num_prompts or prompt_tokens.")
 
 

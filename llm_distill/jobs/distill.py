@@ -28,19 +28,21 @@ import torch
 from accelerate import PartialState
 from transformers import set_seed
 
-from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
+from llm_distill.config import ConfigError, DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
 from llm_distill.data import (
+    DataValidationError,
     DistillationCollator,
     Fields,
     for_masked_lm,
     load_rows,
-    mask_once,
     masked_lm_collator,
     prepare_dataset,
+    validate_json,
+    validate_jsonl,
 )
 from llm_distill.distributed import gathered_for_forward, is_sharded, shutdown_distributed
 from llm_distill.embedded import resolve
-from llm_distill.evaluation import evaluate_models
+from llm_distill.evaluation import evaluate_models, heldout_set
 from llm_distill.models import (
     apply_lora,
     check_tokenizers_compatible,
@@ -50,6 +52,7 @@ from llm_distill.models import (
     load_lm,
     load_tokenizer,
 )
+from llm_distill.jobs import with_base
 from llm_distill.offline_kd import load_teacher_logits
 from llm_distill.quantization import QAT_METHOD, prepare_qat, quantize_pretrained
 from llm_distill.sparsity import GradualPruningCallback, sparsity_report
@@ -62,11 +65,35 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
+INPUTS = ("teacher_model", "student_model", "dataset", "eval_dataset", "tokenizer", "teacher_logits")
+
+
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, DistillationConfig]:
-    """Parse argv; with no ``--config`` the embedded default config is used as the base."""
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    return parse_args_and_config((ModelArguments, DataArguments, DistillationConfig), argv)
+    """Parse argv on its base (:func:`~llm_distill.jobs.with_base`): ``--config``; else the embedded demo config
+    when no model or data of the user's is given; else the dataclass defaults."""
+    return parse_args_and_config((ModelArguments, DataArguments, DistillationConfig), with_base(argv, DEFAULT_CONFIG,
+                                                                                                INPUTS))
+
+
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> None:
+    """The models and data the run needs are named (the dataclass defaults name none), and the user's own data files
+    are valid: checked before any ``embedded:`` name is built and before any weights are loaded."""
+    demo = "(or run with no model / data arguments for the embedded demo, configs/default.yaml)"
+    if not model_args.teacher_model and not args.teacher_logits:
+        raise ConfigError(f"teacher_model is not set: pass --teacher_model <hub id or folder> {demo}.")
+    if model_args.student_init != "teacher_layers" and not model_args.student_model:
+        raise ConfigError(f"student_model is not set (required with student_init={model_args.student_init}): pass "
+                          "--student_model <hub id or folder>, or --student_init teacher_layers to build the student "
+                          f"from the teacher's layers {demo}.")
+    if not data_args.dataset and not args.teacher_logits:
+        raise ConfigError(f"dataset is not set: pass --dataset <file.jsonl, folder or hub dataset> {demo}.")
+    fields = Fields.from_args(data_args)
+    for name in ("dataset", "eval_dataset"):
+        path = Path(getattr(data_args, name) or "")
+        if path.suffix in (".jsonl", ".json") and not (name == "dataset" and args.teacher_logits):
+            if not path.is_file():
+                raise DataValidationError(f"{name}: data file {path} does not exist.")
+            (validate_jsonl if path.suffix == ".jsonl" else validate_json)(path, fields)
 
 
 def build_student(model_args: ModelArguments, teacher, seed: int):
@@ -123,23 +150,20 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
             if kind == "masked":
                 train_ds = for_masked_lm(train_ds, fmt, data_args.dataset)
         eval_ds = None
-        if data_args.eval_dataset:
-            eval_rows, eval_fmt = load_rows(data_args.eval_dataset, data_args.eval_split, data_args.dataset_config, fields)
-            eval_ds = prepare_dataset(eval_rows, eval_fmt, tokenizer, data_args, data_args.max_eval_samples, args.seed, "eval")
-            if kind == "masked":  # fixed masks: every model and every run is scored on the same tokens
-                eval_ds = mask_once(for_masked_lm(eval_ds, eval_fmt, data_args.eval_dataset), tokenizer,
-                                    args.mlm_probability, args.seed)
+        if data_args.eval_dataset:  # the same held-out builder as every job's (prune: same file, same figure)
+            eval_ds = heldout_set(data_args.eval_dataset, tokenizer, data_args, data_args.max_eval_samples, args.seed,
+                                  kind == "masked", args.mlm_probability)
 
     if args.teacher_logits:  # offline KD: no teacher in memory at all
         if model_args.student_init == "teacher_layers":
-            raise ValueError("student_init=teacher_layers needs the teacher's weights, but teacher_logits is set "
+            raise ConfigError("student_init=teacher_layers needs the teacher's weights, but teacher_logits is set "
                              "(offline KD loads no teacher): use student_init=pretrained or fresh.")
         return tokenizer, None, build_student(model_args, None, args.seed), train_ds, eval_ds
     teacher = load_lm(model_args.teacher_model, model_args.teacher_dtype, model_args.attn_implementation,
                       model_args.trust_remote_code)
     student = build_student(model_args, teacher, args.seed)
     if lm_kind(student.config) != kind:
-        raise ValueError(f"The teacher is a {kind} LM but the student is a {lm_kind(student.config)} LM: distillation "
+        raise ConfigError(f"The teacher is a {kind} LM but the student is a {lm_kind(student.config)} LM: distillation "
                          "compares their predictions position by position, so both must be of the same kind (e.g. "
                          "BERT -> a smaller BERT / DistilBERT, or use student_init: teacher_layers).")
     check_vocab_compatible(teacher, student, tokenizer)
@@ -161,6 +185,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     ``teacher_model`` (e.g. a born-again ensemble; ``teacher_model`` still names the tokenizer / model kind)."""
     if args.include_num_input_tokens_seen in ("no", False):
         args.include_num_input_tokens_seen = "non_padding"  # for the tokens/s figure in the report
+    check_inputs(model_args, data_args, args)
     set_seed(args.seed)
     start = time.time()
     tokenizer, teacher, student, train_ds, eval_ds = load_everything(*resolve_names(model_args, data_args), args)

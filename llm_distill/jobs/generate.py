@@ -24,9 +24,11 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from llm_distill.config import parse_args_and_config
+from llm_distill.config import ConfigError, parse_args_and_config
 from llm_distill.distributed import shutdown_distributed
 from llm_distill.embedded import resolve
+from llm_distill.errors import UserError
+from llm_distill.jobs import with_base
 from llm_distill.generation import (
     GenerateArguments,
     HFBackend,
@@ -41,7 +43,7 @@ from llm_distill.generation import (
     row_key,
     use_chat_template,
 )
-from llm_distill.models import load_causal_lm, load_tokenizer
+from llm_distill.models import load_causal_lm, load_tokenizer, loading
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +73,14 @@ def run_generation(args: GenerateArguments) -> dict:
     state = PartialState(cpu=_use_cpu())
     start = time.time()
     names = args
+    if not args.teacher_model or not args.prompts:
+        raise ConfigError("teacher_model and prompts must both be set: the teacher and the prompts it answers (or "
+                          "run with neither for the embedded demo, configs/generate.yaml).")
     with state.main_process_first():  # rank 0 builds the embedded default once; the others find it cached
-        args = replace(args, **{name: resolve(getattr(args, name)) for name in ("teacher_model", "tokenizer", "prompts")})
-    prep = _prepare(args, names)
+        args = replace(args, prompts=resolve(args.prompts))
+        prompts = load_prompts(args)  # the user's rows are checked before any model is built or loaded
+        args = replace(args, **{name: resolve(getattr(args, name)) for name in ("teacher_model", "tokenizer")})
+    prep = _prepare(args, names, prompts)
     # 5. Resume: main repairs / checks the output, then every rank reads what is already done.
     store = ShardStore(args.output)
     status = _on_main_then_share(state, lambda: store.prepare(prep.fingerprint, args.overwrite))
@@ -104,18 +111,18 @@ def run_generation(args: GenerateArguments) -> dict:
     return summary
 
 
-def _prepare(args: GenerateArguments, names: GenerateArguments) -> _Prepared:
+def _prepare(args: GenerateArguments, names: GenerateArguments, prompts: list[Prompt]) -> _Prepared:
     """1-2. Tokenizer, prompts validated and encoded, the output's fingerprint (of the names the user gave, not of
     cache paths): every check before any weights are loaded."""
     tokenizer = load_tokenizer(args.tokenizer or args.teacher_model, args.trust_remote_code)
     tokenizer.padding_side = "left"
-    prompts = load_prompts(args)
     chat = use_chat_template(tokenizer, prompts, args.chat_template)
-    context = getattr(AutoConfig.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code),
-                      "max_position_embeddings", None) or tokenizer.model_max_length
+    with loading(args.teacher_model, "teacher_model"):
+        config = AutoConfig.from_pretrained(args.teacher_model, trust_remote_code=args.trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
     max_prompt_length = args.max_prompt_length or context - args.max_new_tokens
     if max_prompt_length < 1:
-        raise ValueError(f"max_new_tokens={args.max_new_tokens} leaves no room for a prompt in the teacher's "
+        raise ConfigError(f"max_new_tokens={args.max_new_tokens} leaves no room for a prompt in the teacher's "
                          f"context of {context} tokens; lower max_new_tokens.")
     fingerprint = fingerprint_of(names, prompts, chat, max_prompt_length)
     kept, encode_stats = encode_prompts(prompts, tokenizer, chat, max_prompt_length, args.over_length,
@@ -139,9 +146,9 @@ def _generate(state, args: GenerateArguments, teacher_name: str, prep: _Prepared
     bar = tqdm(total=sum(len(b) for _, b in todo), desc=f"generating [rank {state.process_index}]", unit="prompt",
                dynamic_ncols=True, disable=not state.is_local_main_process)
     with store.open_shard(state.process_index) as handle:
-        for batch_index, batch in todo:
+        for _, batch in todo:
             t0 = time.perf_counter()
-            completions = backend.generate(batch, seed=args.seed + batch_index)
+            completions = backend.generate(batch, seed=args.seed)  # per row: (seed, id, sample_index)
             gen_time += time.perf_counter() - t0
             rows = [r for p, comps in zip(batch, completions)
                     for r in make_rows(p, comps, prep.tokenizer, args, prep.chat, teacher_name, params)
@@ -185,9 +192,10 @@ def _on_main_then_share(state, work):
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
     if state.num_processes > 1:
-        result, message = gather_object([(result, None if error is None else f"{type(error).__name__}: {error}")])[0]
-        if message is not None and error is None:
-            raise RuntimeError(f"The main process stopped: {message}")
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        result, message, users = gather_object([(result, message, isinstance(error, UserError))])[0]
+        if message is not None and error is None:  # the user's fault stays one message on every rank
+            raise (UserError if users else RuntimeError)(f"The main process stopped: {message}")
     if error is not None:
         raise error
     return result
@@ -218,9 +226,7 @@ def format_summary(s: dict) -> str:
 def main(argv: list[str]) -> dict:
     """``scripts/generate.py`` / ``llm-distill generate``: parse ``argv`` (no ``--config``: the embedded default's),
     run, print the summary on rank 0."""
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    args = parse(argv)
+    args = parse(with_base(argv, DEFAULT_CONFIG, ("teacher_model", "prompts", "tokenizer")))
     try:
         summary = run_generation(args)
     finally:

@@ -23,18 +23,17 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from llm_distill.checks import DTYPES, check_field
-from llm_distill.config import DataArguments, parse_args_and_config
+from llm_distill.config import ConfigError, DataArguments, parse_args_and_config
 from llm_distill.data import (
     DistillationCollator,
     Fields,
     for_masked_lm,
     load_rows,
-    mask_once,
     masked_lm_collator,
     prepare_dataset,
 )
 from llm_distill.embedded import resolve
-from llm_distill.evaluation import evaluate_models, forward_latency
+from llm_distill.evaluation import evaluate_models, forward_latency, heldout_set
 from llm_distill.importance import (
     Importance,
     activation_importance,
@@ -43,6 +42,7 @@ from llm_distill.importance import (
     gradient_importance,
     layer_removal_loss,
 )
+from llm_distill.jobs import with_base
 from llm_distill.models import lm_kind, load_lm, load_tokenizer
 from llm_distill.pruning import GQA_MODES, PruningPlan, check_plan, layer_shapes, prune, save_pruned
 
@@ -58,7 +58,7 @@ LAYER_IMPORTANCE = {"block_influence": block_influence, "loss": layer_removal_lo
 class PruneArguments:
     """What to prune, how to score it, and on which data."""
 
-    model: str = field(default="embedded:teacher", metadata={"help": "Model to prune, causal or masked LM: hub id, "
+    model: str | None = field(default=None, metadata={"help": "Model to prune, causal or masked LM: hub id, "
                                                                      "local path (a pruned folder works too), "
                                                                      "'embedded:teacher' or 'embedded:mlm_teacher'."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's); saved with the "
@@ -104,12 +104,16 @@ class PruneArguments:
         metadata={"help": "JSON file with an explicit plan ({'heads': {layer: [heads]}, 'neurons': {...}, 'layers': "
                           "[...], 'gqa': ...}); replaces the importance-based choice."},
     )
-    dataset: str = field(default="embedded:train", metadata={"help": "Calibration text (same formats as distill)."})
+    dataset: str | None = field(default=None, metadata={"help": "Calibration text (same formats as distill)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub / saved calibration dataset."})
     calibration_samples: int = field(default=32, metadata={"help": "Calibration sequences used for the scores."})
-    max_length: int = field(default=256, metadata={"help": "Tokens per calibration / evaluation sequence (packed)."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence (packed) and per held-out "
+                                                           "sequence (packed or not: see packing)."})
+    packing: bool = field(default=False, metadata={"help": "Held-out 'text' rows: concatenate and cut into max_length "
+                                                           "blocks, as distill's packing does (same file + same "
+                                                           "settings = the same perplexity in both jobs)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass for scoring and evaluation."})
-    eval_dataset: str | None = field(default="embedded:heldout", metadata={"help": "Held-out text for the perplexity "
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out text for the perplexity "
                                                                                    "before / after; empty to skip."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out sequences to evaluate."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Masked LMs: fraction of tokens masked for the "
@@ -139,10 +143,10 @@ class PruneArguments:
 
 
 def parse(argv: list[str]) -> PruneArguments:
-    """Parse argv; with no ``--config`` the embedded recipe (configs/prune.yaml) is the base."""
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    (args,) = parse_args_and_config((PruneArguments,), argv)
+    """Parse argv on its base (:func:`~llm_distill.jobs.with_base`): ``--config``; else the embedded recipe
+    (configs/prune.yaml) when no model or data of the user's is given; else the dataclass defaults."""
+    (args,) = parse_args_and_config((PruneArguments,), with_base(argv, DEFAULT_CONFIG,
+                                                                 ("model", "dataset", "eval_dataset", "tokenizer")))
     return args
 
 
@@ -164,6 +168,9 @@ def resolve_names(args: PruneArguments, names: tuple[str, ...]) -> PruneArgument
 
 def run_pruning(args: PruneArguments) -> dict:
     """Prune ``args.model`` into ``args.output_dir`` and return the before / after report."""
+    if not args.model:
+        raise ConfigError("model is not set: pass --model <hub id or folder> (or run with no model / data arguments "
+                          "for the embedded demo, configs/prune.yaml).")
     names, args = args, resolve_names(args, ("model", "tokenizer"))
     set_seed(args.seed)
     start = time.time()
@@ -231,6 +238,9 @@ def describe(model) -> dict:
 def _data(args: PruneArguments, tokenizer, masked: bool = False):
     """Calibration batches and held-out rows. Masked LMs: seeded random masks for the calibration batches (the loss
     the gradient scores use is the MLM loss) and one fixed masking of the held-out rows (before == after masks)."""
+    if not args.dataset:
+        raise ConfigError("dataset is not set: pass --dataset <calibration text: .jsonl, folder or hub dataset> (or "
+                          "run with no model / data arguments for the embedded demo, configs/prune.yaml).")
     args = resolve_names(args, ("dataset", "eval_dataset"))
     data_args = DataArguments(dataset=args.dataset, dataset_split=args.dataset_split, eval_dataset=args.eval_dataset,
                               packing=True, max_length=args.max_length)
@@ -245,11 +255,9 @@ def _data(args: PruneArguments, tokenizer, masked: bool = False):
     collator = masked_lm_collator(tokenizer, args.mlm_probability, args.seed) if masked else DistillationCollator(tokenizer)
     calibration = list(DataLoader(train, batch_size=args.batch_size, collate_fn=collator))
     heldout = None
-    if args.eval_dataset:
-        rows, fmt = load_rows(args.eval_dataset, "train", None, fields)
-        heldout = prepare_dataset(rows, fmt, tokenizer, data_args, args.max_eval_samples, args.seed, "eval")
-        if masked:
-            heldout = mask_once(for_masked_lm(heldout, fmt, args.eval_dataset), tokenizer, args.mlm_probability, args.seed)
+    if args.eval_dataset:  # the held-out builder of every job: packed or not as the run says (distill's figure)
+        heldout = heldout_set(args.eval_dataset, tokenizer, replace(data_args, packing=args.packing),
+                              args.max_eval_samples, args.seed, masked, args.mlm_probability)
     return calibration, heldout
 
 

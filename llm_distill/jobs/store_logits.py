@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from llm_distill.checks import check_field
-from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
+from llm_distill.config import ConfigError, DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
 from llm_distill.data import DistillationCollator, Fields, load_rows, prepare_dataset
 from llm_distill.embedded import resolve
+from llm_distill.jobs import with_base
 from llm_distill.jobs.distill import DEFAULT_CONFIG
 from llm_distill.models import load_causal_lm, load_tokenizer
 from llm_distill.offline_kd import LOGPROB_DTYPES, SELECTIONS, store_teacher_logits
@@ -51,8 +52,7 @@ class StoreArguments:
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, DistillationConfig, StoreArguments]:
     """The distillation config's dataclasses plus ``StoreArguments``; no ``--config``: the embedded default."""
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    argv = with_base(argv, DEFAULT_CONFIG, ("teacher_model", "dataset", "tokenizer"))
     return parse_args_and_config((ModelArguments, DataArguments, DistillationConfig, StoreArguments), argv)
 
 
@@ -60,7 +60,10 @@ def run_store(model_args: ModelArguments, data_args: DataArguments, args: Distil
               store_args: StoreArguments) -> Path:
     """Tokenise the training data as the distillation job would and write the teacher's store; returns its folder."""
     if not args.teacher_logits:
-        raise ValueError("Set --teacher_logits <folder>: where the teacher's top-k logits are written.")
+        raise ConfigError("Set --teacher_logits <folder>: where the teacher's top-k logits are written.")
+    if not model_args.teacher_model or not data_args.dataset:
+        raise ConfigError("teacher_model and dataset must both be set: the teacher whose logits are stored, and the "
+                          "rows it scores (or run with neither for the embedded demo).")
     torch.manual_seed(args.seed)
     teacher_path, dataset_path = resolve(model_args.teacher_model), resolve(data_args.dataset)
     tokenizer = load_tokenizer(resolve(model_args.tokenizer) or teacher_path, model_args.trust_remote_code)

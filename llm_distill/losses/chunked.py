@@ -130,24 +130,33 @@ def _divergence_and_h(logq: torch.Tensor, q: torch.Tensor | None, logp: torch.Te
         div = _kl_from_logprobs(logp, logq)
         h = -logp.exp() if need_h else None
     elif kind == "reverse_kl":
-        div = _kl_from_logprobs(logq, logp)
-        h = q * (logq.clamp_min(_NEG_LIMIT) - logp.clamp_min(_NEG_LIMIT)) if need_h else None
+        if not need_h:
+            return _kl_from_logprobs(logq, logp), None
+        h = q * (logq.clamp_min(_NEG_LIMIT) - logp.clamp_min(_NEG_LIMIT))
+        div = h.sum(-1)  # KL(q || p) is the row sum of h itself: no second V-wide pass for the loss
     elif kind == "jsd":
         logm = _log_mixture(logp, logq, beta)
-        div = beta * _kl_from_logprobs(logp, logm) + (1.0 - beta) * _kl_from_logprobs(logq, logm)
-        h = (1.0 - beta) * q * (logq - logm) if need_h else None
+        if not need_h:
+            return beta * _kl_from_logprobs(logp, logm) + (1.0 - beta) * _kl_from_logprobs(logq, logm), None
+        h = q * (logq.clamp_min(_NEG_LIMIT) - logm.clamp_min(_NEG_LIMIT))  # its row sum is KL(q || m)
+        div = beta * _kl_from_logprobs(logp, logm) + (1.0 - beta) * h.sum(-1)
+        h.mul_(1.0 - beta)
     elif kind == "skew_forward_kl":
         logm = _log_mixture(logp, logq, lam)
         div = _kl_from_logprobs(logp, logm)
         h = -(1.0 - lam) * (logp + logq - logm).exp() if need_h else None
     elif kind == "skew_reverse_kl":
         logm = _log_mixture(logp, logq, 1.0 - lam)
-        div = _kl_from_logprobs(logq, logm)
-        h = q * (logq - logm - lam * (logq - logm).exp()) if need_h else None
+        if not need_h:
+            return _kl_from_logprobs(logq, logm), None
+        d = logq.clamp_min(_NEG_LIMIT) - logm.clamp_min(_NEG_LIMIT)  # log(q / m)
+        h = q * d  # its row sum is KL(q || m)
+        div = h.sum(-1)
+        h.sub_(d.exp_().mul_(q), alpha=lam)  # q (log q - log m) - lam q^2 / m
     else:  # tvd
-        p = logp.exp()
-        div = 0.5 * (p - (q if need_h else logq.exp())).abs().sum(-1)
-        h = 0.5 * q * torch.sign(q - p) if need_h else None
+        diff = (q if need_h else logq.exp()) - logp.exp()  # q - p, once
+        div = 0.5 * diff.abs().sum(-1)
+        h = diff.sign_().mul_(q).mul_(0.5) if need_h else None
     return div, h
 
 
@@ -171,7 +180,8 @@ def _divergence_chunk(logits, teacher, targets, opts: ChunkedLossOptions, kd_sca
     kd = div.sum() * temperature**2
     if not need_grad:
         return kd, ce, None
-    kd_grad = h.sub_(q_t * h.sum(-1, keepdim=True))  # d/dz; taken before q is overwritten in place (q_t may be q)
+    kd_grad = h.addcmul_(q_t, h.sum(-1, keepdim=True), value=-1.0)  # d/dz = h - q sum(h), fused, no (c, V) temporary;
+    # taken before q is overwritten in place (q_t may be q)
     grad = q.mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs): CE's q part
     _subtract_onehot(grad, targets, label_rows, ce_scale)
     grad[:, :vocab].add_(kd_grad, alpha=kd_scale * temperature)  # d/ds [T^2 L(q_T)] = T (h - q_T sum h)
