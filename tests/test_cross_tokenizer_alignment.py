@@ -85,6 +85,17 @@ def test_emoji_split_into_byte_pieces_on_one_side():
     assert a.student_tokens == [(0, 1), (1, 6), (6, 7)]
 
 
+def test_special_tokens_on_both_sides_at_the_end_form_their_own_group():
+    student = [(0, 2), (2, 4), (0, 0)]  # ..., EOS
+    teacher = [(0, 0), (0, 2), (2, 4), (0, 0), (0, 0)]  # BOS, ..., end-of-turn, EOS
+    a = align(student, teacher)
+    assert a.groups == [(0, 2), (2, 4), (4, 4)]
+    assert a.student_tokens == [(0, 1), (1, 2), (2, 3)] and a.teacher_tokens == [(0, 2), (2, 3), (3, 5)]
+    assert a.student_first[-1] == 2 and a.teacher_first[-1] == 3  # "stop here", predicted after the text
+    assert align(student, teacher[:4]).groups[-1] == (4, 4)
+    assert align(student[:2], teacher).groups[-1] == (2, 4)  # a side without trailing specials: no end group
+
+
 def test_truncated_side_only_aligns_the_shared_prefix():
     student = [(0, 2), (2, 4), (4, 6)]
     teacher = [(0, 2), (2, 4)]  # truncated
@@ -94,15 +105,6 @@ def test_truncated_side_only_aligns_the_shared_prefix():
 
 
 # ------------------------------------------------------------------------------------- real tokenizers
-
-
-@pytest.fixture(scope="module")
-def xtok_tokenizer():
-    from conftest import _corpus_texts
-
-    from llm_distill.embedded.xtok import train_xtok_tokenizer
-
-    return train_xtok_tokenizer(_corpus_texts(), vocab_size=320)
 
 
 TEXTS = ["def naïve(x):\n    return x  # ok 😀 \u00e9t\u00e9\n", "  leading spaces\tand tabs\r\n", "中文 and Ελληνικά",
@@ -146,6 +148,13 @@ def test_chat_templates_of_each_side_align_on_the_contents(tiny_tokenizer, xtok_
     shared = "".join(m["content"] for m in messages).encode()
     assert b"".join(shared[lo:hi] for lo, hi in a.groups) == shared
     user_end = len(messages[0]["content"].encode())
-    for k, (lo, _hi) in enumerate(a.groups):  # assistant content is labelled on both sides, the user's on neither
-        assert (s.labels[a.student_first[k]] != IGNORE_INDEX) == (lo >= user_end)
-        assert (t.labels[a.teacher_first[k]] != IGNORE_INDEX) == (lo >= user_end)
+    for k, (lo, hi) in enumerate(a.groups):  # assistant content is labelled on both sides, the user's on neither
+        if hi > lo:
+            assert (s.labels[a.student_first[k]] != IGNORE_INDEX) == (lo >= user_end)
+            assert (t.labels[a.teacher_first[k]] != IGNORE_INDEX) == (lo >= user_end)
+    # Template markers on both sides form their own (empty) groups: the user turn's are not labelled, the
+    # assistant turn's end (<|end|> / </s>: when to stop) is, on both sides.
+    specials = [k for k, (lo, hi) in enumerate(a.groups) if lo == hi]
+    assert [a.groups[k][0] for k in specials] == [0, user_end, len(shared)]  # turn start, user end, assistant end
+    assert [s.labels[a.student_first[k]] != IGNORE_INDEX for k in specials] == [False, False, True]
+    assert t.input_ids[a.teacher_first[specials[-1]]] == xtok_tokenizer.eos_token_id

@@ -15,12 +15,15 @@ The **groups** are the stretches between consecutive cut points common to both s
 byte range on both sides and holds one or more tokens per side (merged until the boundaries coincide).
 
 Special tokens have empty spans (BOS, EOS, chat-template markers once mapped to the shared text, see
-``llm_distill.cross_tokenizer.data``): they cover no text, so they join the group of the next content token (a
-BOS on one side only is simply context on that side); empty tokens after the last cut belong to no group.
+``llm_distill.cross_tokenizer.data``). Where *both* sides have special tokens at the same cut (EOS after the text,
+end-of-turn markers between chat turns) they form a group of their own with an empty byte range, so that "stop
+here" is distilled too; special tokens on one side only (a BOS that only one tokenizer adds) are context: they
+join the group of the next content token. Tokens after the last common cut (a side truncated earlier) belong to
+no group.
 
 What the divergences compare (the design choice). A group's probability is the product of its tokens'
 conditionals, and the two sides factor it differently; the one factor that both sides condition on *the same
-bytes* is the first: the student's distribution at the position before the group's first content token, and the
+bytes* is the first (for a special group: its first special token): the student's distribution at the position before the group's first content token, and the
 teacher's at the position before its own. Those two next-token distributions (over different vocabularies) are
 what ``uld`` / ``hybrid`` compare, one pair per group (``Alignment.student_first`` / ``teacher_first`` minus one).
 The later tokens of a multi-token group are conditioned on different partial strings on the two sides and are
@@ -45,7 +48,8 @@ def byte_spans(text: str, char_offsets) -> list[Span]:
 
 
 def cut_points(spans: list[Span]) -> dict[int, int]:
-    """``{byte position: index of the first token after the cut}`` of one side, including the end (-> ``len``).
+    """``{byte position: index of the first token after the cut}`` of one side, including the end (-> the index after
+    the last content token: trailing special tokens such as EOS follow it).
 
     A cut before content token ``i`` exists at the furthest byte reached so far when ``i`` starts at or after it;
     the empty-span tokens just before ``i`` stay after the cut (they are context for ``i``)."""
@@ -57,8 +61,8 @@ def cut_points(spans: list[Span]) -> dict[int, int]:
         if start >= reach:
             cuts[reach] = after_previous
         reach, after_previous = max(reach, end), i + 1
-    if spans and after_previous:
-        cuts[reach] = len(spans)
+    if after_previous:
+        cuts[reach] = after_previous
     return cuts
 
 
@@ -90,25 +94,37 @@ class Alignment:
 
 def _first_content(spans: list[Span], start: int) -> int:
     i = start
-    while spans[i][1] <= spans[i][0]:
+    while i < len(spans) and spans[i][1] <= spans[i][0]:
         i += 1
     return i
 
 
 def align(student_spans: list[Span], teacher_spans: list[Span]) -> Alignment:
-    """Group two tokenizations of the same text (byte spans, :func:`byte_spans`) by their common cut points."""
+    """Group two tokenizations of the same text (byte spans, :func:`byte_spans`) by their common cut points.
+
+    Where *both* sides have special tokens at the same cut (an EOS after the text on both sides, end-of-turn markers
+    between chat turns) those tokens form a group of their own with an empty byte range, so that "stop here" is
+    distilled too; special tokens on one side only are context of the next group."""
     cuts_s, cuts_t = cut_points(student_spans), cut_points(teacher_spans)
     common = sorted(set(cuts_s) & set(cuts_t))
-    groups, tok_s, tok_t = [], [], []
-    for lo, hi in zip(common, common[1:]):
-        groups.append((lo, hi))
-        tok_s.append((cuts_s[lo], cuts_s[hi]))
-        tok_t.append((cuts_t[lo], cuts_t[hi]))
-    return Alignment(
-        groups=groups, student_tokens=tok_s, teacher_tokens=tok_t,
-        student_first=[_first_content(student_spans, a) for a, _ in tok_s],
-        teacher_first=[_first_content(teacher_spans, a) for a, _ in tok_t],
-    )
+    out = {name: [] for name in ("groups", "student_tokens", "teacher_tokens", "student_first", "teacher_first")}
+
+    def add(lo, hi, tok_s, tok_t, first_s, first_t):
+        for name, value in zip(out, ((lo, hi), tok_s, tok_t, first_s, first_t)):
+            out[name].append(value)
+
+    for k, lo in enumerate(common):
+        s0, t0 = cuts_s[lo], cuts_t[lo]
+        s_end = cuts_s[common[k + 1]] if k + 1 < len(common) else len(student_spans)
+        t_end = cuts_t[common[k + 1]] if k + 1 < len(common) else len(teacher_spans)
+        fs, ft = _first_content(student_spans, s0), _first_content(teacher_spans, t0)
+        last = k + 1 == len(common)
+        if fs > s0 and ft > t0 and (not last or (lo == max(cuts_s) and lo == max(cuts_t))):
+            add(lo, lo, (s0, min(fs, s_end)), (t0, min(ft, t_end)), s0, t0)  # specials on both sides: own group
+            s0, t0 = fs, ft
+        if not last:
+            add(lo, common[k + 1], (s0, s_end), (t0, t_end), fs, ft)
+    return Alignment(**out)
 
 
 def compared_positions(alignment: Alignment, student_labels: list[int], ignore_index: int = -100):
