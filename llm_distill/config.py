@@ -22,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from llm_distill.checks import DTYPES, check_field
+from llm_distill.cross_tokenizer.losses import CROSS_TOKENIZER_MODES
 from llm_distill.losses import LOSS_TYPES, Divergence, LossWeights
 
 STUDENT_INITS = ("pretrained", "teacher_layers", "fresh")
@@ -112,6 +113,16 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Masked-LM teachers: fraction of tokens masked per training sequence (BERT's 80% "
                           "<mask> / 10% random / 10% unchanged), and of the fixed held-out masking."},
     )
+    # --- Cross-tokenizer distillation (issue 15): a teacher and a student with different vocabularies ---------
+    cross_tokenizer: str = field(
+        default="none",
+        metadata={"help": f"One of {', '.join(CROSS_TOKENIZER_MODES)}. none = both models share one vocabulary "
+                          "(token-level KD). uld = Universal Logit Distillation (Boizard et al. 2024: L1 between the "
+                          "sorted probability vectors, no vocabulary map). hybrid = GOLD (TRL): loss_type on the "
+                          "tokens whose strings both vocabularies share + ULD on the rest. Each row is tokenized "
+                          "by both tokenizers (teacher_tokenizer) and aligned by byte offsets; see "
+                          "docs/cross-tokenizer.md."},
+    )
 
     def __post_init__(self):
         self.divergence  # noqa: B018 - builds the settings, which check loss_type / temperature / jsd_beta / skew_lambda
@@ -119,6 +130,7 @@ class DistillationConfig(TrainingArguments):
         check_field(self.loss_chunk_size >= 0, "loss_chunk_size", self.loss_chunk_size,
                "an integer >= 0 (e.g. 1024; 0 = plain full-logits path)")
         self._check_triple_loss()
+        self._check_cross_tokenizer()
         super().__post_init__()
 
     def _check_triple_loss(self) -> None:
@@ -142,6 +154,18 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_logits and self.kd_positions != "labels":
             raise ValueError("kd_positions=all needs a live teacher: stored teacher logits cover the label positions "
                              "only. Use kd_positions=labels with teacher_logits.")
+
+    def _check_cross_tokenizer(self) -> None:
+        check_field(self.cross_tokenizer in CROSS_TOKENIZER_MODES, "cross_tokenizer", self.cross_tokenizer,
+                    f"one of {', '.join(CROSS_TOKENIZER_MODES)}")
+        if self.cross_tokenizer == "none":
+            return
+        if self.teacher_logits:
+            raise ValueError(f"cross_tokenizer={self.cross_tokenizer} needs a live teacher reading its own tokens, "
+                             "but teacher_logits is set (stored top-k on the student's tokens): unset one of them.")
+        if self.loss_weights().uses_hidden or self.kd_positions != "labels":
+            raise ValueError(f"cross_tokenizer={self.cross_tokenizer} compares aligned groups of tokens, not positions: "
+                             "alpha_cos / alpha_mse and kd_positions=all do not apply (unset them).")
 
     @property
     def divergence(self) -> Divergence:
@@ -207,6 +231,12 @@ class ModelArguments:
     tokenizer: str | None = field(
         default=None,
         metadata={"help": "Tokenizer path or hub id (default: the student's, else the teacher's)."},
+    )
+    # --- Cross-tokenizer distillation (issue 15) ---
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "With cross_tokenizer: uld | hybrid, the teacher's own tokenizer (path or hub id; default: "
+                          "the teacher's folder). Ignored otherwise (both models then share 'tokenizer')."},
     )
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"dtype the teacher is loaded in, one of {', '.join(DTYPES)}."}

@@ -24,11 +24,16 @@ from llm_distill.cross_tokenizer.losses import (
     hybrid_divergence,
     uld_divergence,
 )
-from llm_distill.cross_tokenizer.objective import XTOK_COLUMNS, cross_tokenizer_kd_sum, cross_tokenizer_loss
+from llm_distill.cross_tokenizer.objective import (
+    XTOK_COLUMNS,
+    CrossTokenizerObjective,
+    cross_tokenizer_kd_sum,
+    cross_tokenizer_loss,
+)
 
 __all__ = [
     "Alignment", "align", "byte_spans", "compared_positions", "cut_points", "CrossTokenizerCollator", "SideEncoding",
     "cross_tokenize", "encode_messages", "encode_prompt_response", "encode_row", "encode_text",
     "prepare_cross_dataset", "split_text", "CROSS_TOKENIZER_MODES", "VocabularyMap", "cross_tokenizer_divergence",
-    "hybrid_divergence", "uld_divergence", "XTOK_COLUMNS", "cross_tokenizer_kd_sum", "cross_tokenizer_loss",
+    "hybrid_divergence", "uld_divergence", "XTOK_COLUMNS", "CrossTokenizerObjective", "cross_tokenizer_kd_sum", "cross_tokenizer_loss",
 ]

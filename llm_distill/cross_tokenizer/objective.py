@@ -86,3 +86,59 @@ def cross_tokenizer_loss(student, teacher, inputs: dict, *, mode: str, divergenc
     loss = weights.kd * kd + ce_out.loss  # ce_out.loss = weights.ce * CE (its graph only when weights.ce > 0)
     return DistillationLossOutput(loss=loss, kd_loss=kd.detach(), ce_loss=ce_out.ce_loss,
                                   num_tokens=ce_out.num_tokens)
+
+
+class CrossTokenizerObjective:
+    """What ``DistillationTrainer`` delegates to when ``cross_tokenizer`` is ``uld`` or ``hybrid``: run the student
+    on its ids and the teacher (no grad) on *its* ids, then :func:`cross_tokenizer_loss`.
+
+    Composed into the trainer rather than subclassing it, so the same-tokenizer path stays untouched. Batches come
+    from ``CrossTokenizerCollator``; a batch without the alignment columns (e.g. Trainer's own evaluation on
+    student-only rows) gets the CE term only.
+    """
+
+    def __init__(self, mode: str, divergence: Divergence, weights: LossWeights, chunk_size: int,
+                 vocab_map: VocabularyMap | None = None):
+        if mode == "hybrid" and vocab_map is None:
+            raise ValueError("cross_tokenizer=hybrid needs both tokenizers: pass teacher_processing_class= the "
+                             "teacher's tokenizer (and processing_class= the student's) to DistillationTrainer.")
+        self.mode, self.divergence, self.weights = mode, divergence, weights
+        self.chunk_size, self.vocab_map = chunk_size, vocab_map
+        self.num_kd_groups = None  # this optimiser step's KD groups, all micro-batches (set by the trainer)
+
+    @classmethod
+    def for_models(cls, args, student, teacher, student_tokenizer, teacher_tokenizer) -> CrossTokenizerObjective:
+        """From a ``DistillationConfig``; the vocabulary map (hybrid) from the tokenizers and the models' head sizes."""
+        vocab_map = None
+        if args.cross_tokenizer == "hybrid" and student_tokenizer is not None and teacher_tokenizer is not None:
+            size = lambda m: m.get_output_embeddings().weight.shape[0]  # noqa: E731
+            vocab_map = VocabularyMap.build(student_tokenizer, teacher_tokenizer, size(student), size(teacher))
+        return cls(args.cross_tokenizer, args.divergence, args.loss_weights(), args.loss_chunk_size or 256, vocab_map)
+
+    @staticmethod
+    def count_kd_groups(batch_samples: list) -> torch.Tensor | None:
+        """KD groups of an optimiser step's micro-batches: the KD denominator under gradient accumulation."""
+        if not batch_samples or "xtok_kd" not in batch_samples[0]:
+            return None
+        return sum(batch["xtok_kd"].sum() for batch in batch_samples)
+
+    def __call__(self, model, teacher_model, inputs: dict, head_paths: dict, num_items_in_batch=None):
+        """``(DistillationLossOutput, student outputs)`` for one micro-batch."""
+        student_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+        student = head_paths["student"](model, student_inputs)
+        teacher = None
+        has_alignment = "xtok_kd" in inputs
+        if teacher_model is not None and self.weights.kd > 0 and has_alignment:
+            with torch.no_grad():
+                t = head_paths["teacher"](teacher_model, {"input_ids": inputs["teacher_input_ids"],
+                                                          "attention_mask": inputs["teacher_attention_mask"]})
+            teacher = (t.features, t.weight, t.bias)
+        if self.vocab_map is not None and self.vocab_map.student_ids.device != student.features.device:
+            self.vocab_map = self.vocab_map.to(student.features.device)
+        batch = inputs if has_alignment else {**inputs, **{k: inputs["labels"][:, :0] for k in XTOK_COLUMNS[2:]}}
+        out = cross_tokenizer_loss(
+            (student.features, student.weight, student.bias), teacher, batch, mode=self.mode,
+            divergence=self.divergence, weights=self.weights, vocab_map=self.vocab_map, chunk_size=self.chunk_size,
+            num_items_in_batch=num_items_in_batch,
+            num_kd_items=self.num_kd_groups if model.training and num_items_in_batch is not None else None)
+        return out, student.outputs
