@@ -17,6 +17,7 @@ from llm_distill.cross_tokenizer.data import (
     prepare_cross_dataset,
     split_text,
 )
+from llm_distill.cross_tokenizer.evaluation import perplexity_per_byte
 from llm_distill.cross_tokenizer.losses import (
     CROSS_TOKENIZER_MODES,
     VocabularyMap,
@@ -35,5 +36,6 @@ __all__ = [
     "Alignment", "align", "byte_spans", "compared_positions", "cut_points", "CrossTokenizerCollator", "SideEncoding",
     "cross_tokenize", "encode_messages", "encode_prompt_response", "encode_row", "encode_text",
     "prepare_cross_dataset", "split_text", "CROSS_TOKENIZER_MODES", "VocabularyMap", "cross_tokenizer_divergence",
-    "hybrid_divergence", "uld_divergence", "XTOK_COLUMNS", "CrossTokenizerObjective", "cross_tokenizer_kd_sum", "cross_tokenizer_loss",
+    "hybrid_divergence", "uld_divergence", "XTOK_COLUMNS", "CrossTokenizerObjective", "cross_tokenizer_kd_sum",
+    "cross_tokenizer_loss", "perplexity_per_byte",
 ]
