@@ -132,3 +132,52 @@ def test_encode_text_pieces_cover_the_document(tiny_tokenizer):
     pieces = split_text(text, tiny_tokenizer, 50)
     assert "".join(pieces) == text.rstrip() or "".join(pieces) == text
     assert all(len(encode_text(p, tiny_tokenizer).input_ids) <= 52 for p in pieces)
+
+
+def test_embedded_cross_tokenizer_pair_builds_apart_from_the_causal_cache(tmp_path, monkeypatch):
+    """The second tokenizer + its student: another size, a BOS the first tokenizer lacks, other specials, its own
+    cache folder (the causal cache and its figures are not invalidated)."""
+    from conftest import miniature_recipe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_distill.embedded import causal, resolve
+    from llm_distill.embedded.xtok import XtokRecipe, build_xtok
+
+    monkeypatch.setenv("LLM_DISTILL_CACHE", str(tmp_path / "cache"))
+    base = miniature_recipe()
+    recipe = XtokRecipe(vocab_size=280, tokenizer_train_chars=200_000,
+                        student=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1))
+    root = build_xtok(base, recipe)
+    assert root.parent == causal.embedded_dir(base).parent and root != causal.embedded_dir(base)
+    assert causal.TinyRecipe().digest() == causal.embedded_dir().name.split("-")[1]  # the causal recipe is unchanged
+    first = AutoTokenizer.from_pretrained(causal.embedded_dir(base) / "tokenizer")
+    second = AutoTokenizer.from_pretrained(root / "tokenizer_xtok")
+    assert len(second) == 280 != len(first)
+    assert second("x = 1")["input_ids"][0] == second.bos_token_id == second.convert_tokens_to_ids("<s>")
+    assert first("x = 1")["input_ids"][0] != first.bos_token_id
+    assert second.eos_token == "</s>" != first.eos_token and second.chat_template
+    student = AutoModelForCausalLM.from_pretrained(root / "student_xtok")
+    assert student.get_output_embeddings().weight.shape[0] == 280
+    assert resolve("embedded:tokenizer_xtok", base).endswith("tokenizer_xtok")
+
+
+def test_perplexity_per_byte_is_total_nll_over_bytes(tiny_tokenizer, xtok_tokenizer):
+    import math
+
+    from llm_distill.cross_tokenizer import perplexity_per_byte
+
+    texts = ["def f(x):\n    return x\n", "naïve café 😀"]
+    for tok in (tiny_tokenizer, xtok_tokenizer):
+        model = make_llama(tok, seed=3)
+        r = perplexity_per_byte(model, tok, texts, batch_size=1)
+        nll = 0.0
+        for text in texts:  # every token after the start token is predicted, whichever the tokenizer
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            full = torch.tensor([[tok.bos_token_id] + ids])  # tiny: <|endoftext|>, xtok: <s>
+            logits = model(input_ids=full).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, full[0, 1:], reduction="sum").item()
+        n_bytes = sum(len(t.encode()) for t in texts)
+        assert r["bytes"] == n_bytes and r["tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"])
+                                                            for t in texts)
+        assert r["perplexity_per_byte"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-4)
