@@ -60,7 +60,7 @@ def text_pieces(jsonl: str, tokenizer, n: int, max_tokens: int, seed: int) -> li
 
 
 @torch.no_grad()
-def greedy_continuations(teacher, tokenizer, texts: list[str], prompt_fraction: float, batch_size: int = 32) -> list[str]:
+def greedy_continuations(teacher, tokenizer, texts: list[str], prompt_fraction: float, batch_size: int = 64) -> list[str]:
     """Sequence-level KD rows: each text's first ``prompt_fraction`` of teacher tokens + the teacher's greedy
     continuation of the same total length."""
     rows = []
@@ -111,12 +111,12 @@ def build_runs(args, paths: dict, data: dict, extra: list[str]) -> dict[str, lis
     # data path with alpha 0 (the teacher is then never run; the CE term is the plain one).
     xtok = ["--student_model", paths["student_xtok"], "--tokenizer", paths["tokenizer_xtok"],
             "--teacher_tokenizer", paths["teacher"]]
-    return {
+    return {  # in order of importance: a run cut short by the clock leaves the others cached
         "ce_only": [*base, *xtok, "--dataset", data["train"], "--cross_tokenizer", "hybrid", "--alpha", "0"],
-        "seq_kd": [*base, *xtok, "--dataset", data["seq_kd"], "--cross_tokenizer", "hybrid", "--alpha", "0"],
-        "uld": [*base, *xtok, "--dataset", data["train"], "--cross_tokenizer", "uld", "--alpha", str(args.xtok_alpha)],
         "hybrid": [*base, *xtok, "--dataset", data["train"], "--cross_tokenizer", "hybrid",
                    "--alpha", str(args.xtok_alpha)],
+        "uld": [*base, *xtok, "--dataset", data["train"], "--cross_tokenizer", "uld", "--alpha", str(args.xtok_alpha)],
+        "seq_kd": [*base, *xtok, "--dataset", data["seq_kd"], "--cross_tokenizer", "hybrid", "--alpha", "0"],
         "same_tok_ce": [*base, "--student_model", paths["student"], "--dataset", data["train"], "--alpha", "0"],
         "same_tok_kd": [*base, "--student_model", paths["student"], "--dataset", data["train"], "--alpha", "1.0"],
     }
@@ -126,13 +126,18 @@ def prepare_data(args, paths: dict, workdir: Path) -> dict[str, str]:
     tok_x = AutoTokenizer.from_pretrained(paths["tokenizer_xtok"])
     train = text_pieces(paths["train"], tok_x, args.n_train, 254, args.seed)
     heldout = text_pieces(paths["heldout"], tok_x, args.n_eval, 254, args.seed)
-    data = {"train": write_texts(workdir / "train.jsonl", train), "heldout": write_texts(workdir / "heldout.jsonl", heldout)}
-    seq_kd = workdir / "seq_kd.jsonl"
-    if not seq_kd.exists():
-        teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32).eval()
-        write_texts(seq_kd, greedy_continuations(teacher, AutoTokenizer.from_pretrained(paths["teacher"]), train, 0.25))
-    data["seq_kd"] = str(seq_kd)
-    return data
+    return {"train": write_texts(workdir / "train.jsonl", train), "heldout": write_texts(workdir / "heldout.jsonl", heldout),
+            "seq_kd": str(workdir / "seq_kd.jsonl")}  # written by ensure_seq_kd_data, when that run needs it
+
+
+def ensure_seq_kd_data(paths: dict, data: dict) -> None:
+    """The sequence-level KD rows: the teacher's greedy continuations of the training texts (once)."""
+    if Path(data["seq_kd"]).exists():
+        return
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32).eval()
+    train = causal.read_texts(Path(data["train"]))
+    write_texts(Path(data["seq_kd"]), greedy_continuations(teacher, AutoTokenizer.from_pretrained(paths["teacher"]),
+                                                            train, 0.25))
 
 
 OBJECTIVES = {"ce_only": "CE on the texts", "seq_kd": "CE on teacher continuations (sequence-level KD)",
@@ -174,7 +179,13 @@ def main() -> None:
     data = prepare_data(args, paths, workdir)
     heldout = causal.read_texts(Path(data["heldout"]))
     runs = build_runs(args, paths, data, extra)
-    results = {name: cached_run(name, argv, workdir) for name, argv in runs.items() if not args.runs or name in args.runs}
+    results = {}
+    for name, argv in runs.items():
+        if args.runs and name not in args.runs:
+            continue
+        if name == "seq_kd":
+            ensure_seq_kd_data(paths, data)
+        results[name] = cached_run(name, argv, workdir)
     eos = AutoTokenizer.from_pretrained(paths["teacher"]).eos_token_id  # the teacher's document separator
     scores = {"teacher": score(paths["teacher"], heldout, eos)}
     for name in results:
