@@ -3,6 +3,8 @@ with the same-tokenizer KD figure beside them; held-out perplexity *per byte* (c
 
     python scripts/bench_cross_tokenizer.py                     # the full budget of scripts/bench_quality.py
     python scripts/bench_cross_tokenizer.py --max_steps 100     # a shorter run (extra args go to every distill run)
+    python scripts/bench_cross_tokenizer.py --smoke             # minutes: the pipeline on a miniature world (figures
+                                                                # meaningless; checks the script end to end)
 
 The teacher is the embedded teacher (byte-level BPE, 4,096 tokens, no BOS). The cross-tokenizer student is
 ``embedded:student_xtok`` (2 x 128 Llama) with ``embedded:tokenizer_xtok`` (3,072 tokens, ``<s>`` BOS, other
@@ -25,8 +27,10 @@ student. Writes ``bench_results/cross_tokenizer.json``. Each finished run is cac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import platform
 import random
 import sys
@@ -171,11 +175,18 @@ def main() -> None:
     parser.add_argument("--xtok_alpha", type=float, default=0.5, help="KD weight of the uld / hybrid runs")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs", nargs="+", default=None, help="subset of runs (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="miniature embedded world in --workdir, 2 steps per run")
     args, extra = parser.parse_known_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    recipe = None
+    if args.smoke:  # a teacher of 3 steps, 8 training texts: checks the pipeline, not the method
+        os.environ["LLM_DISTILL_CACHE"] = str(workdir / "cache")
+        recipe = dataclasses.replace(causal.TinyRecipe(), tokenizer_train_chars=300_000, teacher_steps=3, seq_len=64)
+        args.n_train, args.n_eval = 8, 4
+        extra = [*extra, "--max_steps", "2", "--per_device_train_batch_size", "4", "--warmup_steps", "0"]
     names = ("teacher", "student", "train", "heldout", "student_xtok", "tokenizer_xtok")
-    paths = {name: resolve(f"embedded:{name}") for name in names}
+    paths = {name: resolve(f"embedded:{name}", recipe) for name in names}
     data = prepare_data(args, paths, workdir)
     heldout = causal.read_texts(Path(data["heldout"]))
     runs = build_runs(args, paths, data, extra)

@@ -12,8 +12,9 @@ specials, no BOS added); this module builds a deliberately different one on the 
 and a fresh student of the default student's shape (2 layers x 128) with that vocabulary. Configs name them
 ``embedded:student_xtok`` and ``embedded:tokenizer_xtok``.
 
-The recipe has its own cache folder (``embedded-xtok-<hash>``, hashing this recipe *and* the causal one it reads
-the corpus from), so it never invalidates the causal cache or its figures.
+The recipe has its own cache folder (``embedded-xtok-<hash>``, hashing this recipe *and* the causal one whose
+train split it trains on), so it never invalidates the causal cache or its figures. It needs only the corpus, not
+the causal teacher, so it builds independently of (and in parallel with) the causal build.
 
     python -m llm_distill.embedded --xtok            # build (or show) the cache
 """
@@ -56,7 +57,7 @@ class XtokRecipe:
 
     seed: int = 1
     vocab_size: int = 3072
-    tokenizer_train_chars: int = 4_000_000
+    tokenizer_train_chars: int = 2_000_000
     student: dict = field(
         default_factory=lambda: dict(
             hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -73,7 +74,7 @@ def xtok_dir(base: causal.TinyRecipe | None = None, recipe: XtokRecipe | None = 
     return causal.cache_root() / f"embedded-xtok-{recipe.digest(base)}"
 
 
-def train_xtok_tokenizer(texts: list[str], vocab_size: int = 3072, seed: int = 1, max_chars: int = 4_000_000):
+def train_xtok_tokenizer(texts: list[str], vocab_size: int = 3072, seed: int = 1, max_chars: int = 2_000_000):
     """Byte-level BPE with ``<s>`` prepended to every encoded text and Llama-2 style specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -106,8 +107,8 @@ def build_xtok(base: causal.TinyRecipe | None = None, recipe: XtokRecipe | None 
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     base, recipe = base or causal.TinyRecipe(), recipe or XtokRecipe()
-    root = causal.build(base)
     final = xtok_dir(base, recipe)
+    final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if (final / "build_info.json").exists() and not force:
             return final
@@ -115,8 +116,11 @@ def build_xtok(base: causal.TinyRecipe | None = None, recipe: XtokRecipe | None 
             shutil.rmtree(final)
         start = time.time()
         tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-        tokenizer = train_xtok_tokenizer(causal.read_texts(root / "data" / "train.jsonl"), recipe.vocab_size,
+        # The causal recipe's train split, written afresh (deterministic, seconds): no wait on the teacher's build.
+        causal.write_corpus(tmp / "data", base)
+        tokenizer = train_xtok_tokenizer(causal.read_texts(tmp / "data" / "train.jsonl"), recipe.vocab_size,
                                          recipe.seed, recipe.tokenizer_train_chars)
+        shutil.rmtree(tmp / "data")
         tokenizer.save_pretrained(tmp / "tokenizer_xtok")
         tokenizer = AutoTokenizer.from_pretrained(tmp / "tokenizer_xtok")
         torch.manual_seed(recipe.seed)
