@@ -78,7 +78,7 @@ class DistillationTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         # Cross-tokenizer distillation (issue 15): a helper owns both forwards and the aligned loss.
-        self.cross_tokenizer = None if args.cross_tokenizer == "none" or teacher_model is None else (
+        self.cross_tokenizer = None if args.cross_tokenizer == "none" else (
             CrossTokenizerObjective.for_models(args, model, teacher_model, kwargs.get("processing_class"),
                                                teacher_processing_class))
         self.shared_vocab_size = (

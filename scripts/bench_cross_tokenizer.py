@@ -109,7 +109,8 @@ def score(model_path: str, texts: list[str], start_id: int | None) -> dict:
 
 
 def build_runs(args, paths: dict, data: dict, extra: list[str]) -> dict[str, list[str]]:
-    base = ["--config", "configs/default.yaml", "--packing", "false", "--eval_dataset", "", "--seed", str(args.seed),
+    base = ["--config", "configs/default.yaml", "--teacher_model", paths["teacher"], "--packing", "false",
+            "--eval_dataset", "", "--seed", str(args.seed),
             "--max_train_samples", str(args.n_train), "--logging_steps", "50", *extra]
     # The xtok student cannot share the teacher's vocabulary check, so its CE-only runs go through the cross-tokenizer
     # data path with alpha 0 (the teacher is then never run; the CE term is the plain one).

@@ -183,3 +183,21 @@ def test_perplexity_per_byte_is_total_nll_over_bytes(tiny_tokenizer, xtok_tokeni
         assert r["bytes"] == n_bytes and r["tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"])
                                                             for t in texts)
         assert r["perplexity_per_byte"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-4)
+
+
+def test_ce_only_on_cross_tokenizer_rows_needs_no_teacher(tiny_tokenizer, xtok_tokenizer, tmp_path):
+    """alpha 0 with cross_tokenizer: the rows keep their alignment columns, the CE term is the plain one."""
+    rows = _rows(tiny_tokenizer, xtok_tokenizer, n=4)
+    trainer = DistillationTrainer(
+        model=make_llama(tiny_tokenizer, seed=2), teacher_model=None, args=_config(tmp_path, cross_tokenizer="hybrid",
+                                                                                   alpha=0.0, max_steps=1),
+        train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer,
+        data_collator=CrossTokenizerCollator(tiny_tokenizer, xtok_tokenizer))
+    trainer.train()
+    plain = DistillationTrainer(model=make_llama(tiny_tokenizer, seed=2), teacher_model=None,
+                                args=_config(tmp_path, alpha=0.0), processing_class=tiny_tokenizer,
+                                train_dataset=Dataset.from_list(rows))
+    batch = DistillationCollator(tiny_tokenizer)(rows)
+    cross = CrossTokenizerCollator(tiny_tokenizer, xtok_tokenizer)(rows)
+    model = make_llama(tiny_tokenizer, seed=2).train()
+    torch.testing.assert_close(trainer.compute_loss(model, cross), plain.compute_loss(model, batch))

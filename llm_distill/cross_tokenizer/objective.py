@@ -99,18 +99,19 @@ class CrossTokenizerObjective:
 
     def __init__(self, mode: str, divergence: Divergence, weights: LossWeights, chunk_size: int,
                  vocab_map: VocabularyMap | None = None):
-        if mode == "hybrid" and vocab_map is None:
-            raise ValueError("cross_tokenizer=hybrid needs both tokenizers: pass teacher_processing_class= the "
-                             "teacher's tokenizer (and processing_class= the student's) to DistillationTrainer.")
         self.mode, self.divergence, self.weights = mode, divergence, weights
         self.chunk_size, self.vocab_map = chunk_size, vocab_map
         self.num_kd_groups = None  # this optimiser step's KD groups, all micro-batches (set by the trainer)
 
     @classmethod
     def for_models(cls, args, student, teacher, student_tokenizer, teacher_tokenizer) -> CrossTokenizerObjective:
-        """From a ``DistillationConfig``; the vocabulary map (hybrid) from the tokenizers and the models' head sizes."""
+        """From a ``DistillationConfig``; the vocabulary map (hybrid) from the tokenizers and the models' head sizes.
+        Without a teacher (alpha 0: CE only on the student's side of the rows) there is no KD term and no map."""
         vocab_map = None
-        if args.cross_tokenizer == "hybrid" and student_tokenizer is not None and teacher_tokenizer is not None:
+        if args.cross_tokenizer == "hybrid" and teacher is not None and args.loss_weights().kd > 0:
+            if student_tokenizer is None or teacher_tokenizer is None:
+                raise ValueError("cross_tokenizer=hybrid needs both tokenizers: pass processing_class= the student's "
+                                 "tokenizer and teacher_processing_class= the teacher's to DistillationTrainer.")
             size = lambda m: m.get_output_embeddings().weight.shape[0]  # noqa: E731
             vocab_map = VocabularyMap.build(student_tokenizer, teacher_tokenizer, size(student), size(teacher))
         return cls(args.cross_tokenizer, args.divergence, args.loss_weights(), args.loss_chunk_size or 256, vocab_map)
