@@ -1,7 +1,7 @@
 """llm-distill: make a large Hugging Face language model's knowledge usable in a small, fast one.
 
 The public API. The package is laid out as building blocks (losses/, trainer, data, models, student_init,
-offline_kd, pruning, importance, evaluation, speculative, generation/, distributed, launch), the embedded offline
+offline_kd, pruning, importance, evaluation, speculative, generation/, distributed, launch, cross_tokenizer/), the embedded offline
 default (embedded/) and the jobs users run (jobs/: distill, generate, prune, store_logits, distillspec,
 bench_speculative), each also a verb of the ``llm-distill`` console command (``llm_distill.console``).
 """
@@ -70,6 +70,18 @@ from llm_distill.errors import ModelLoadError, UserError
 from llm_distill.evaluation import heldout_set
 from llm_distill.generation.sampling import RowSampler, row_seed
 from llm_distill.jsonl import read_jsonl
+# cross-tokenizer distillation (issue 15)
+from llm_distill.cross_tokenizer import (
+    CROSS_TOKENIZER_MODES,
+    CrossTokenizerCollator,
+    VocabularyMap,
+    align,
+    cross_tokenizer_loss,
+    hybrid_divergence,
+    perplexity_per_byte,
+    prepare_cross_dataset,
+    uld_divergence,
+)
 
 __version__ = "0.1.0"
 
@@ -167,4 +179,14 @@ __all__ = [
     "RowSampler",
     "row_seed",
     "read_jsonl",
+    # cross-tokenizer distillation
+    "CROSS_TOKENIZER_MODES",
+    "CrossTokenizerCollator",
+    "VocabularyMap",
+    "align",
+    "cross_tokenizer_loss",
+    "hybrid_divergence",
+    "perplexity_per_byte",
+    "prepare_cross_dataset",
+    "uld_divergence",
 ]

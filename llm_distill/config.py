@@ -22,10 +22,11 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from llm_distill.checks import DTYPES, check_field
+from llm_distill.cross_tokenizer.losses import CROSS_TOKENIZER_MODES
+from llm_distill.errors import UserError
 from llm_distill.features.distiller import FeatureSettings
 from llm_distill.features.layer_map import check_spec as check_layer_spec
 from llm_distill.features.losses import HIDDEN_LOSSES
-from llm_distill.errors import UserError
 from llm_distill.losses import LOSS_TYPES, Divergence, LossWeights
 from llm_distill.quantization import QAT_SCHEMES
 from llm_distill.sparsity import SPARSITY_PATTERNS, SPARSITY_SCOPES
@@ -217,6 +218,17 @@ class DistillationConfig(TrainingArguments):
     rollout_top_p: float = field(default=1.0, metadata={"help": "On-policy / seq_kd: nucleus sampling, in (0, 1]."})
     rollout_top_k: int = field(default=0, metadata={"help": "On-policy / seq_kd: top-k sampling (>= 0; 0 = off)."})
 
+    # --- Cross-tokenizer distillation (issue 15): a teacher and a student with different vocabularies ---------
+    cross_tokenizer: str = field(
+        default="none",
+        metadata={"help": f"One of {', '.join(CROSS_TOKENIZER_MODES)}. none = both models share one vocabulary "
+                          "(token-level KD). uld = Universal Logit Distillation (Boizard et al. 2024: L1 between the "
+                          "sorted probability vectors, no vocabulary map). hybrid = GOLD (TRL): loss_type on the "
+                          "tokens whose strings both vocabularies share + ULD on the rest. Each row is tokenized "
+                          "by both tokenizers (teacher_tokenizer) and aligned by byte offsets; see "
+                          "docs/cross-tokenizer.md."},
+    )
+
     def __post_init__(self):
         self.divergence  # noqa: B018 - builds the settings, which check loss_type / temperature / jsd_beta / skew_lambda
         check_field(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
@@ -226,6 +238,7 @@ class DistillationConfig(TrainingArguments):
         self._check_feature_kd()
         self._check_compression()
         self._check_on_policy()
+        self._check_cross_tokenizer()
         super().__post_init__()
 
     def _check_triple_loss(self) -> None:
@@ -317,6 +330,18 @@ class DistillationConfig(TrainingArguments):
         """Whether training replaces some batches' completions by sampled ones (lmbda > 0 or seq_kd)."""
         return self.lmbda > 0.0 or self.seq_kd
 
+    def _check_cross_tokenizer(self) -> None:
+        check_field(self.cross_tokenizer in CROSS_TOKENIZER_MODES, "cross_tokenizer", self.cross_tokenizer,
+                    f"one of {', '.join(CROSS_TOKENIZER_MODES)}")
+        if self.cross_tokenizer == "none":
+            return
+        if self.teacher_logits:
+            raise ValueError(f"cross_tokenizer={self.cross_tokenizer} needs a live teacher reading its own tokens, "
+                             "but teacher_logits is set (stored top-k on the student's tokens): unset one of them.")
+        if self.loss_weights().uses_hidden or self.kd_positions != "labels":
+            raise ValueError(f"cross_tokenizer={self.cross_tokenizer} compares aligned groups of tokens, not positions: "
+                             "alpha_cos / alpha_mse and kd_positions=all do not apply (unset them).")
+
     @property
     def divergence(self) -> Divergence:
         """The KD divergence settings as the one object the losses take (validated when it is built)."""
@@ -383,6 +408,12 @@ class ModelArguments:
     tokenizer: str | None = field(
         default=None,
         metadata={"help": "Tokenizer path or hub id (default: the student's, else the teacher's)."},
+    )
+    # --- Cross-tokenizer distillation (issue 15) ---
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "With cross_tokenizer: uld | hybrid, the teacher's own tokenizer (path or hub id; default: "
+                          "the teacher's folder). Ignored otherwise (both models then share 'tokenizer')."},
     )
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"dtype the teacher is loaded in, one of {', '.join(DTYPES)}."}

@@ -165,9 +165,12 @@ def check_vocab_compatible(teacher, student, tokenizer=None) -> int:
         + (f" and the tokenizer has {n_tokens} tokens (more than {shared})" if n_tokens else "")
         + (". If the difference is only embedding padding, pass the tokenizer (processing_class=tokenizer) so the "
            "shared vocabulary can be checked" if n_tokens is None else "")
-        + ". Logit distillation needs the same tokenizer for both models: use a teacher and a student of the same "
-        "model family (e.g. Qwen2.5-7B-Instruct -> Qwen2.5-0.5B-Instruct), or distil on teacher-generated "
-        "responses instead (scripts/generate.py, then alpha: 0)."
+        + ". Token-level distillation needs the same tokenizer for both models. For a teacher and a student of "
+        "different families (e.g. Qwen -> Llama) set cross_tokenizer: hybrid (or uld) and teacher_tokenizer: <the "
+        "teacher's tokenizer>: each row is then tokenized by both tokenizers and the distributions are compared on "
+        "byte-aligned groups (docs/cross-tokenizer.md). Otherwise use a teacher and a student of the same model family "
+        "(e.g. Qwen2.5-7B-Instruct -> Qwen2.5-0.5B-Instruct), or distil on teacher-generated responses "
+        "(scripts/generate.py, then alpha: 0)."
     )
 
 
@@ -181,8 +184,9 @@ def check_tokenizers_compatible(teacher_tokenizer, student_tokenizer) -> None:
     if differing or len(common) < 0.99 * min(len(vt), len(vs)):
         raise VocabularyMismatchError(
             f"Teacher tokenizer ({len(vt)} tokens) and student tokenizer ({len(vs)} tokens) differ: "
-            f"{len(differing)} shared strings have different ids (e.g. {differing[:3]}). Use a student from the "
-            "teacher's model family, or set tokenizer: to the teacher's tokenizer for both."
+            f"{len(differing)} shared strings have different ids (e.g. {differing[:3]}). Set cross_tokenizer: hybrid "
+            "(or uld) to distil across tokenizers (docs/cross-tokenizer.md), use a student from the teacher's model "
+            "family, or set tokenizer: to the teacher's tokenizer for both."
         )
 
 

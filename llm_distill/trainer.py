@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm_distill.config import DistillationConfig
+from llm_distill.cross_tokenizer.objective import XTOK_COLUMNS, CrossTokenizerObjective
 from llm_distill.data import DistillationCollator
 from llm_distill.distributed import prepare_teacher
 from llm_distill.features import FeatureDistiller
@@ -61,11 +62,13 @@ class DistillationTrainer(Trainer):
             for the student's device and backend (never wrapped for training).
         args: a ``DistillationConfig``.
         peft_config: optional ``peft`` config; the student is wrapped with it (like TRL's trainers).
+        teacher_processing_class: the teacher's tokenizer when ``args.cross_tokenizer`` is ``uld`` / ``hybrid`` (the
+            teacher then reads its own tokens, see ``llm_distill.cross_tokenizer``; ``hybrid`` needs it).
         **kwargs: anything ``Trainer`` accepts (``train_dataset``, ``data_collator``, ``processing_class``...).
     """
 
     def __init__(self, model=None, teacher_model: PreTrainedModel | str | None = None,
-                 args: DistillationConfig | None = None, peft_config=None, **kwargs):
+                 args: DistillationConfig | None = None, peft_config=None, teacher_processing_class=None, **kwargs):
         if args is None:
             args = DistillationConfig(output_dir="outputs/distill")
         if not isinstance(args, DistillationConfig):
@@ -84,9 +87,13 @@ class DistillationTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        # Cross-tokenizer distillation (issue 15): a helper owns both forwards and the aligned loss.
+        self.cross_tokenizer = None if args.cross_tokenizer == "none" else (
+            CrossTokenizerObjective.for_models(args, model, teacher_model, kwargs.get("processing_class"),
+                                               teacher_processing_class))
         self.shared_vocab_size = (
             check_vocab_compatible(teacher_model, model, kwargs.get("processing_class"))
-            if teacher_model is not None else None
+            if teacher_model is not None and self.cross_tokenizer is None else None
         )
         super().__init__(model=model, args=args, **kwargs)
         # Our compute_loss normalises by num_items_in_batch, so Trainer must count it and not divide by GA again.
@@ -117,6 +124,8 @@ class DistillationTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if self.args.teacher_logits:  # keep the stored top-k columns: remove_unused_columns would drop them
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TOPK_COLUMNS]))
+        if self.cross_tokenizer is not None:  # the teacher's ids and the alignment, likewise
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *XTOK_COLUMNS]))
 
     # ------------------------------------------------------------------ teacher
 
@@ -129,6 +138,8 @@ class DistillationTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.cross_tokenizer is not None:
+            return self._cross_tokenizer_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", ROLLOUT_KEY, *TOPK_COLUMNS)}
         self._scoring_rollout = (self.rollouts is not None and inputs.get(ROLLOUT_KEY) is not None
@@ -165,6 +176,15 @@ class DistillationTrainer(Trainer):
         if args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes
         self._record_terms(out, num_items_in_batch, feature_terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _cross_tokenizer_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Teacher and student on their own tokens, the KD term on the aligned groups (``llm_distill.cross_tokenizer``)."""
+        out, outputs = self.cross_tokenizer(model, self.teacher_model, inputs, self._lm_head_paths, num_items_in_batch)
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # as in compute_loss: undo DDP's mean over ranks
+        self._record_terms(out, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _run_teacher(self) -> bool:
@@ -216,6 +236,11 @@ class DistillationTrainer(Trainer):
                 num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         self._position_counts = (self._count_positions(batch_samples, device)
                                  if num_items_in_batch is not None else None)
+        if self.cross_tokenizer is not None:  # the KD term's denominator: aligned groups of the whole step
+            groups = self.cross_tokenizer.count_kd_groups(batch_samples)
+            if groups is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+                groups = self.accelerator.gather(groups.to(device)[None]).sum()
+            self.cross_tokenizer.num_kd_groups = groups
         return batch_samples, num_items_in_batch
 
     def _count_positions(self, batch_samples: list, device) -> torch.Tensor | None:

@@ -104,3 +104,11 @@ def saved_pair(tmp_path, tiny_tokenizer):
     paths["train"] = write_jsonl(tmp_path / "train.jsonl", [{"text": t[:1500]} for t in texts[:4]])
     paths["eval"] = write_jsonl(tmp_path / "eval.jsonl", [{"text": t[:1500]} for t in texts[4:6]])
     return paths
+
+
+@pytest.fixture(scope="session")
+def xtok_tokenizer():
+    """The cross-tokenizer side: byte-level BPE of another size, ``<s>`` BOS prepended, other special tokens."""
+    from llm_distill.embedded.xtok import train_xtok_tokenizer
+
+    return train_xtok_tokenizer(_corpus_texts(), vocab_size=320)

@@ -1,7 +1,8 @@
 """The embedded default: offline tiny models and data, named ``embedded:<artefact>`` in configs.
 
 ``causal`` builds the byte-level BPE tokenizer, the standard-library corpus, the Llama-style teacher and the
-student; ``masked`` builds the BERT-style teacher of the DistilBERT recipe on top of it. ``smollm2`` is a real
+student; ``masked`` builds the BERT-style teacher of the DistilBERT recipe on top of it; ``xtok``
+the second tokenizer and its student (cross-tokenizer distillation). ``smollm2`` is a real
 135M-parameter teacher from the optional extra ``real`` (:mod:`llm_distill.embedded.smollm2`). Library code never sees
 an ``embedded:`` name: a job calls :func:`resolve` once, where it starts, and passes plain paths on.
 """
@@ -12,6 +13,7 @@ from llm_distill.embedded.causal import TinyRecipe, build
 from llm_distill.embedded.masked import build_mlm_teacher
 from llm_distill.embedded.openings import openings_file
 from llm_distill.embedded.smollm2 import MissingExtraError, smollm2_folder
+from llm_distill.embedded.xtok import build_xtok
 from llm_distill.gguf import resolve_gguf
 
 __all__ = ["ARTEFACTS", "EMBEDDED_PREFIX", "MissingExtraError", "TinyRecipe", "build", "build_mlm_teacher",
@@ -19,7 +21,7 @@ __all__ = ["ARTEFACTS", "EMBEDDED_PREFIX", "MissingExtraError", "TinyRecipe", "b
 
 EMBEDDED_PREFIX = "embedded:"
 ARTEFACTS = ("teacher", "student", "tokenizer", "train", "heldout", "mlm_teacher", "smollm2", "train_openings",
-             "heldout_openings")
+             "heldout_openings", "student_xtok", "tokenizer_xtok")
 
 
 def is_embedded(name: str | None) -> bool:
@@ -39,6 +41,8 @@ def resolve(name: str | None, recipe: TinyRecipe | None = None) -> str | None:
         return str(smollm2_folder())
     if artefact == "mlm_teacher":  # built on demand by the DistilBERT recipe
         return str(build_mlm_teacher(recipe))
+    if artefact in ("student_xtok", "tokenizer_xtok"):  # the cross-tokenizer pair, built on demand
+        return str(build_xtok(recipe) / artefact)
     root = build(recipe)
     if artefact.endswith("_openings"):  # prompt/response rows for on-policy distillation (llm_distill.on_policy)
         return str(openings_file(root, artefact.removesuffix("_openings")))

@@ -13,6 +13,11 @@ Causal and masked LMs take the same path; a masked-LM teacher (BERT, DistilBERT 
 batches are masked by ``DataCollatorForLanguageModeling`` (``mlm_probability``, seeded), and the held-out set is
 masked once, deterministically, so that teacher / student-before / student-after are scored on identical masks
 (masked-token perplexity and accuracy).
+
+With ``cross_tokenizer: uld | hybrid`` the teacher keeps its own tokenizer (``teacher_tokenizer``): training rows
+are tokenized by both and aligned (``llm_distill.cross_tokenizer``), the vocabulary check is skipped, and the
+held-out report scores the student only (the teacher cannot read the student's ids; per-byte figures that compare
+across tokenizers are ``scripts/bench_cross_tokenizer.py``'s).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from llm_distill.config import ConfigError, DataArguments, DistillationConfig, ModelArguments, parse_args_and_config
+from llm_distill.cross_tokenizer import CrossTokenizerCollator, prepare_cross_dataset
 from llm_distill.data import (
     DataValidationError,
     DistillationCollator,
@@ -119,7 +125,8 @@ def resolve_names(model_args: ModelArguments, data_args: DataArguments) -> tuple
     first: the other ranks then find it cached)."""
     with PartialState().main_process_first():
         model_args = dataclasses.replace(model_args, **{
-            name: resolve(getattr(model_args, name)) for name in ("teacher_model", "student_model", "tokenizer")})
+            name: resolve(getattr(model_args, name))
+            for name in ("teacher_model", "student_model", "tokenizer", "teacher_tokenizer")})
         data_args = dataclasses.replace(data_args, **{
             name: resolve(getattr(data_args, name)) for name in ("dataset", "eval_dataset")})
     return model_args, data_args
@@ -134,7 +141,8 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
         model_args.student_model if model_args.student_init != "teacher_layers" else model_args.teacher_model
     )
     tokenizer = load_tokenizer(tokenizer_src, model_args.trust_remote_code)
-    if tokenizer_src != model_args.teacher_model and args.needs_teacher():
+    teacher_tokenizer = load_teacher_tokenizer(model_args, args)  # cross-tokenizer distillation only (else None)
+    if teacher_tokenizer is None and tokenizer_src != model_args.teacher_model and args.needs_teacher():
         check_tokenizers_compatible(load_tokenizer(model_args.teacher_model, model_args.trust_remote_code), tokenizer)
     kind = "causal" if args.teacher_logits else lm_kind(model_args.teacher_model, model_args.trust_remote_code)
 
@@ -145,8 +153,10 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
             train_ds = load_teacher_logits(args.teacher_logits)
         else:
             train_rows, fmt = load_rows(data_args.dataset, data_args.dataset_split, data_args.dataset_config, fields)
-            train_ds = prepare_dataset(train_rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed,
-                                       "train")
+            train_ds = (prepare_dataset(train_rows, fmt, tokenizer, data_args, data_args.max_train_samples, args.seed,
+                                        "train") if teacher_tokenizer is None else
+                        prepare_cross_dataset(train_rows, fmt, tokenizer, teacher_tokenizer, data_args,
+                                              data_args.max_train_samples, args.seed, "train"))
             if kind == "masked":
                 train_ds = for_masked_lm(train_ds, fmt, data_args.dataset)
         eval_ds = None
@@ -166,8 +176,17 @@ def load_everything(model_args: ModelArguments, data_args: DataArguments, args: 
         raise ConfigError(f"The teacher is a {kind} LM but the student is a {lm_kind(student.config)} LM: distillation "
                          "compares their predictions position by position, so both must be of the same kind (e.g. "
                          "BERT -> a smaller BERT / DistilBERT, or use student_init: teacher_layers).")
-    check_vocab_compatible(teacher, student, tokenizer)
+    if teacher_tokenizer is None:
+        check_vocab_compatible(teacher, student, tokenizer)
     return tokenizer, teacher, student, train_ds, eval_ds
+
+
+def load_teacher_tokenizer(model_args: ModelArguments, args: DistillationConfig):
+    """The teacher's own tokenizer with ``cross_tokenizer: uld | hybrid`` (``teacher_tokenizer``, default the teacher's
+    folder), else ``None``. Both must be fast tokenizers (byte offsets); checked when the rows are tokenized."""
+    if args.cross_tokenizer == "none":
+        return None
+    return load_tokenizer(model_args.teacher_tokenizer or model_args.teacher_model, model_args.trust_remote_code)
 
 
 def main(argv: list[str]) -> dict:
@@ -196,11 +215,14 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
                              model_args.lora_target_modules)
     masked = teacher is not None and lm_kind(teacher.config) == "masked"
     collator = DistillationCollator(tokenizer)  # held-out rows are already labelled (masked once for masked LMs)
+    teacher_tokenizer = load_teacher_tokenizer(model_args, args)
+    train_collator = (masked_lm_collator(tokenizer, args.mlm_probability, args.seed) if masked else
+                      collator if teacher_tokenizer is None else CrossTokenizerCollator(tokenizer, teacher_tokenizer))
     callbacks = compression_callbacks(student, args)
-    trainer = DistillationTrainer(callbacks=callbacks,
-        model=student, teacher_model=teacher if args.needs_teacher() or eval_ds is not None else None, args=args,
-        train_dataset=train_ds, processing_class=tokenizer,
-        data_collator=masked_lm_collator(tokenizer, args.mlm_probability, args.seed) if masked else collator,
+    trainer = DistillationTrainer(
+        callbacks=callbacks, model=student, teacher_model=teacher if args.needs_teacher() or eval_ds is not None else None, args=args,
+        train_dataset=train_ds, processing_class=tokenizer, data_collator=train_collator,
+        teacher_processing_class=teacher_tokenizer,
     )
     eval_bs = args.per_device_eval_batch_size
 
@@ -211,14 +233,27 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         with gathered_for_forward(models["student"]):  # ZeRO-3 partitions the student at load, before any engine
             return evaluate_models(models, eval_ds, collator, eval_bs, shift_labels=trainer._shift_labels)
 
-    before = evaluate(include_teacher=True) if eval_ds is not None else {}
+    same_vocab = teacher_tokenizer is None  # across tokenizers the teacher cannot read the student's held-out ids
+    before = evaluate(include_teacher=same_vocab) if eval_ds is not None else {}
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    after = evaluate(include_teacher=True) if eval_ds is not None else {}
+    after = evaluate(include_teacher=same_vocab) if eval_ds is not None else {}
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
         save_quantized(args, tokenizer)
 
+    results = _results(model_args, args, trainer, train_result, student, masked, start, before, after)
+    if trainer.is_world_process_zero():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "distill_results.json").write_text(json.dumps(results, indent=2))
+        print(format_report(results))
+    shutdown_distributed(trainer)  # DDP's reducer first: see its docstring (a hang at exit otherwise)
+    return results
+
+
+def _results(model_args: ModelArguments, args: DistillationConfig, trainer, train_result, student, masked: bool,
+             start: float, before: dict, after: dict) -> dict:
+    """The run's report: settings, training figures and (with held-out data) before / after scores."""
     runtime = train_result.metrics.get("train_runtime", float("nan"))
     tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
     results = {
@@ -226,6 +261,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         "student": model_args.student_model if model_args.student_init != "teacher_layers" else "teacher_layers",
         "objective": "masked_lm" if masked else "causal_lm",
         "loss_type": args.loss_type, "alpha": args.alpha, "temperature": args.temperature,
+        "cross_tokenizer": args.cross_tokenizer,
         "loss_weights": dataclasses.asdict(args.loss_weights()), "kd_positions": args.kd_positions,
         "steps": trainer.state.global_step,
         "train_loss": train_result.training_loss,
@@ -237,7 +273,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         **({"sparsity": sparsity_report(student, args.sparsity_scope)["sparsity"]} if args.target_sparsity else {}),
         **({"qat": args.qat, "quantized_dir": str(Path(args.output_dir) / "quantized")} if args.qat else {}),
     }
-    if eval_ds is not None:
+    if after:
         results.update({
             "teacher_perplexity": after.get("teacher", {}).get("perplexity"),
             "student_perplexity_before": before["student"]["perplexity"],
@@ -249,11 +285,6 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
             "top1_agreement_after": after["student"].get("top1_agreement"),
             "eval_tokens": after["student"]["tokens"],
         })
-    if trainer.is_world_process_zero():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "distill_results.json").write_text(json.dumps(results, indent=2))
-        print(format_report(results))
-    shutdown_distributed(trainer)  # DDP's reducer first: see its docstring (a hang at exit otherwise)
     return results
 
 
