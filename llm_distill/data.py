@@ -215,17 +215,9 @@ def tokenize_prompt_response(prompt: str, response: str, tokenizer, add_eos: boo
     return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
 
 
-def tokenize_messages(messages: list[dict], tokenizer) -> dict:
-    """Render with the chat template; label exactly the characters of each assistant turn.
-
-    The template is rendered as text and tokenised once (``add_special_tokens=False``: the template adds BOS
-    itself, so there is no double BOS). Assistant spans are found by rendering the conversation up to each
-    assistant turn with and without it; this needs the template to be prefix-consistent, which is checked.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataValidationError("The data has 'messages' but the tokenizer has no chat_template: set "
-                                  "tokenizer.chat_template, or convert rows to prompt/response.")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+def assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``full`` (the rendered conversation): each turn is located by
+    rendering the conversation up to it with and without it, which needs a prefix-consistent template (checked)."""
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
@@ -237,6 +229,21 @@ def tokenize_messages(messages: list[dict], tokenizer) -> dict:
                                       "differs from the start of the full conversation), so assistant tokens cannot "
                                       "be located; use prompt/response rows instead.")
         spans.append((len(before), len(upto)))
+    return spans
+
+
+def tokenize_messages(messages: list[dict], tokenizer) -> dict:
+    """Render with the chat template; label exactly the characters of each assistant turn.
+
+    The template is rendered as text and tokenised once (``add_special_tokens=False``: the template adds BOS
+    itself, so there is no double BOS). Assistant spans are found by rendering the conversation up to each
+    assistant turn with and without it; this needs the template to be prefix-consistent, which is checked.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataValidationError("The data has 'messages' but the tokenizer has no chat_template: set "
+                                  "tokenizer.chat_template, or convert rows to prompt/response.")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = assistant_spans(messages, tokenizer, full)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
         tok if any(start <= s < end for start, end in spans) else IGNORE_INDEX
@@ -283,6 +290,11 @@ def prepare_dataset(ds: Dataset, fmt: str, tokenizer, data_args, max_samples: in
             logger.warning("%s: dropping %d sequences whose prompt fills max_length=%d (no response token left).",
                            desc, len(no_target), data_args.max_length)
             tokenized = tokenized.filter(lambda r: any(t != IGNORE_INDEX for t in r["labels"][1:]))
+    return subsample(tokenized, desc, max_samples, seed)
+
+
+def subsample(tokenized: Dataset, desc: str, max_samples: int | None, seed: int) -> Dataset:
+    """The tokenised rows, refused when none is left, cut to ``max_samples`` by a seeded shuffle."""
     if len(tokenized) == 0:
         raise DataValidationError(f"{desc}: no usable sequence left after tokenisation (check max_length).")
     if max_samples is not None and max_samples < len(tokenized):

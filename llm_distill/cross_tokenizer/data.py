@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 
 from llm_distill.cross_tokenizer.alignment import align, byte_spans, compared_positions
-from llm_distill.data import DataValidationError, DistillationCollator, Fields
+from llm_distill.data import DataValidationError, DistillationCollator, Fields, assistant_spans, subsample
 from llm_distill.losses import IGNORE_INDEX
 
 
@@ -99,25 +99,11 @@ def encode_messages(messages: list[dict], tokenizer) -> SideEncoding:
                 return offset + max(0, pos - start)
         return len(shared)
 
-    assistant = _assistant_spans(messages, tokenizer, full)
+    assistant = assistant_spans(messages, tokenizer, full)
     ids, offsets = _encode(full, tokenizer, special=False)
     labels = [t if any(a <= s < b for a, b in assistant) else IGNORE_INDEX for t, (s, _e) in zip(ids, offsets)]
     spans = byte_spans(shared, [(to_shared(a), to_shared(b)) for a, b in offsets])
     return SideEncoding(ids, labels, _without_specials(spans, _special_mask(tokenizer, ids)))
-
-
-def _assistant_spans(messages, tokenizer, full: str) -> list[tuple[int, int]]:
-    spans = []
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (full.startswith(before) and full.startswith(upto)):
-            raise DataValidationError("A chat template is not prefix-consistent, so assistant tokens cannot be "
-                                      "located; use prompt/response rows instead.")
-        spans.append((len(before), len(upto)))
-    return spans
 
 
 def encode_row(row: dict, fmt: str, fields: Fields, tokenizer) -> SideEncoding:
@@ -167,11 +153,7 @@ def prepare_cross_dataset(ds: Dataset, fmt: str, student_tokenizer, teacher_toke
 
     out = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {desc} with both tokenizers")
     out = out.filter(lambda r: any(r["xtok_kd"]) or any(t != IGNORE_INDEX for t in r["labels"][1:]))
-    if len(out) == 0:
-        raise DataValidationError(f"{desc}: no usable sequence left after tokenisation (check max_length).")
-    if max_samples is not None and max_samples < len(out):
-        out = out.shuffle(seed=seed).select(range(max_samples))
-    return out
+    return subsample(out, desc, max_samples, seed)
 
 
 @dataclass

@@ -89,6 +89,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLM_DISTILL_CACHE", Path.home() / ".cache" / "llm_distill"))
 
 
+def derived_dir(kind: str, recipe, base: TinyRecipe | None = None) -> Path:
+    """The cache folder of an artefact built on top of the causal default (``embedded-<kind>-<hash>``): the hash
+    covers its own recipe *and* the base recipe, so changing either rebuilds it and neither invalidates the other."""
+    base = base or TinyRecipe()
+    blob = json.dumps({kind: dataclasses.asdict(recipe), "base": base.digest()}, sort_keys=True)
+    return cache_root() / f"embedded-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
 def embedded_dir(recipe: TinyRecipe | None = None) -> Path:
     recipe = recipe or TinyRecipe()
     return cache_root() / f"embedded-{recipe.digest()}"
@@ -144,30 +152,9 @@ def read_texts(jsonl: Path) -> list[str]:
 
 def train_tokenizer(texts: list[str], recipe: TinyRecipe):
     """Byte-level BPE (GPT-2 style: no unknown tokens, any bytes encode) on a deterministic sample."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(recipe.seed)
-    order = list(range(len(texts)))
-    rng.shuffle(order)
-    sample, total = [], 0
-    for i in order:
-        if total >= recipe.tokenizer_train_chars:
-            break
-        sample.append(texts[i])
-        total += len(texts[i])
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=recipe.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=2,
-        show_progress=False,
-    )
-    tok.train_from_iterator(sample, trainer=trainer)
+    tok = train_bpe(texts, recipe.vocab_size, SPECIAL_TOKENS, recipe.tokenizer_train_chars, recipe.seed)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
@@ -177,6 +164,29 @@ def train_tokenizer(texts: list[str], recipe: TinyRecipe):
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
         model_max_length=2048,
     )
+
+
+def train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str], max_chars: int, seed: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on a seeded sample of ``texts`` (about ``max_chars``
+    characters): the same procedure for every embedded tokenizer, so each one is reproducible from its recipe."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    sample, total = [], 0
+    for i in order:
+        if total >= max_chars:
+            break
+        sample.append(texts[i])
+        total += len(texts[i])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(sample, trainer=trainer)
+    return tok
 
 
 def pack_tokens(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ recipe *and* the causal recipe it builds on), so changing it never invalidates t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -62,14 +61,10 @@ class TinyMLMRecipe:
     batch_size: int = 16
     lr: float = 1e-3
 
-    def digest(self, base: causal.TinyRecipe) -> str:
-        blob = json.dumps({"mlm": dataclasses.asdict(self), "base": base.digest()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def mlm_dir(base: causal.TinyRecipe | None = None, recipe: TinyMLMRecipe | None = None) -> Path:
-    base, recipe = base or causal.TinyRecipe(), recipe or TinyMLMRecipe()
-    return causal.cache_root() / f"embedded-mlm-{recipe.digest(base)}"
+    return causal.derived_dir("mlm", recipe or TinyMLMRecipe(), base)
 
 
 def bert_config(tokenizer, dims: dict, max_position_embeddings: int):

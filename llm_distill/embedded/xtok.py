@@ -22,10 +22,8 @@ the causal teacher, so it builds independently of (and in parallel with) the cau
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import random
 import shutil
 import sys
 import tempfile
@@ -64,36 +62,18 @@ class XtokRecipe:
         )
     )
 
-    def digest(self, base: causal.TinyRecipe) -> str:
-        blob = json.dumps({"xtok": dataclasses.asdict(self), "base": base.digest()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def xtok_dir(base: causal.TinyRecipe | None = None, recipe: XtokRecipe | None = None) -> Path:
-    base, recipe = base or causal.TinyRecipe(), recipe or XtokRecipe()
-    return causal.cache_root() / f"embedded-xtok-{recipe.digest(base)}"
+    return causal.derived_dir("xtok", recipe or XtokRecipe(), base)
 
 
 def train_xtok_tokenizer(texts: list[str], vocab_size: int = 3072, seed: int = 1, max_chars: int = 2_000_000):
     """Byte-level BPE with ``<s>`` prepended to every encoded text and Llama-2 style specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(seed)
-    order = list(range(len(texts)))
-    rng.shuffle(order)
-    sample, total = [], 0
-    for i in order:
-        if total >= max_chars:
-            break
-        sample.append(texts[i])
-        total += len(texts[i])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=XTOK_SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(sample, trainer=trainer)
+    tok = causal.train_bpe(texts, vocab_size, XTOK_SPECIAL_TOKENS, max_chars, seed)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
