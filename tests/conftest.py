@@ -112,3 +112,13 @@ def xtok_tokenizer():
     from llm_distill.embedded.xtok import train_xtok_tokenizer
 
     return train_xtok_tokenizer(_corpus_texts(), vocab_size=320)
+
+
+@pytest.fixture
+def one_thread():
+    """Like each rank of the 2-process tests: on a busy 2-core machine 2 threads are ~50x slower than 1 for these
+    tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,15 +37,6 @@ def distill_args(paths, out, per_device, *extra):
             "--save_steps", "2", "--output_dir", str(out), "--use_cpu", "true", *extra]
 
 
-@pytest.fixture
-def one_thread():
-    """Like each rank: on a busy 2-core machine 2 threads are ~50x slower than 1 for these tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def launch_two_ranks(script, args, tmp_path):
     for attempt in range(2):
         try:

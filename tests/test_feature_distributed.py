@@ -13,14 +13,6 @@ FEATURES = ["--alpha_hidden", "1.0", "--hidden_layer_map", "0:1,1:2", "--alpha_a
             "--relation_heads", "2"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_feature_kd_on_two_gloo_ranks_matches_one_process(saved_pair, tmp_path, one_thread):
     one, two = tmp_path / "one", tmp_path / "two"

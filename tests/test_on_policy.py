@@ -310,15 +310,6 @@ def test_peft_student_samples_with_its_adapter_in_eval_mode(tiny_tokenizer, llam
 
 # ----------------------------------------------------------------------------- 2 gloo ranks
 
-@pytest.fixture
-def one_thread():
-    """Like each rank (see tests/test_distributed.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_run_on_policy_steps_and_resume(saved_pair, tmp_path, one_thread):
     rows = opening_rows([{"text": t, "source": str(i)} for i, t in enumerate(_texts(saved_pair))],
