@@ -122,3 +122,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def ragged_dataset(tokenizer, n=8, seed=0):
+    """Ragged rows (so attention masks differ from the label masks) with a masked 3-token prompt."""
+    from datasets import Dataset
+
+    from llm_distill.losses import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(10, len(tokenizer), (6 + (i * 5) % 11,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    return Dataset.from_list(rows)

@@ -10,20 +10,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
 from llm_distill import DistillationCollator, DistillationConfig, DistillationTrainer
-from llm_distill.losses import IGNORE_INDEX
 from llm_distill.trainer import FEATURE_PROJECTION_FILE
+
+from conftest import ragged_dataset
 
 FEATURES = dict(alpha_hidden=1.0, hidden_layer_map="0:1,1:2", alpha_attn_relation=1.0, relation_heads=2,
                 alpha_rkd=0.5)
-
-
-def ragged_dataset(tokenizer, n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(10, len(tokenizer), (6 + (i * 5) % 11,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
-    return Dataset.from_list(rows)
 
 
 def feature_trainer(tok, llama_factory, out, student=None, peft_config=None, **kw):

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +21,8 @@ from llm_distill.losses import (
     with_hidden_terms,
 )
 from llm_distill.trainer import PROJECTION_FILE
+
+from conftest import ragged_dataset
 
 DISTILBERT = LossWeights(kd=5.0, ce=2.0, cos=1.0)  # the weights of DistilBERT's training command
 
@@ -188,16 +189,6 @@ def test_triple_loss_settings_are_checked_and_name_the_field(tmp_path, kw, messa
 
 
 # ----------------------------------------------------------------------------- trainer
-
-
-def ragged_dataset(tokenizer, n=8, seed=0):
-    """Ragged rows (so attention masks differ from the label masks) with a masked 3-token prompt."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(10, len(tokenizer), (6 + (i * 5) % 11,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
-    return Dataset.from_list(rows)
 
 
 TRIPLE = dict(alpha_kd=5.0, alpha_clm=2.0, alpha_cos=1.0, alpha_mse=0.5, temperature=2.0)
