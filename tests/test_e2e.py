@@ -67,9 +67,18 @@ def test_embedded_builder_is_deterministic_and_reloadable(tmp_path, monkeypatch)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     assert teacher.config.num_hidden_layers == 2
     first = {k: v.clone() for k, v in teacher.state_dict().items()}
-    again = AutoModelForCausalLM.from_pretrained(tiny.build(recipe, force=True) / "teacher")
+    assert info["teacher_sha256"] == tiny.weights_digest(teacher)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)  # another thread count: reductions must not change the weights
+    try:
+        rebuilt = tiny.build(recipe, force=True)
+    finally:
+        torch.set_num_threads(threads)
+    again = AutoModelForCausalLM.from_pretrained(rebuilt / "teacher")
     for k, v in again.state_dict().items():
         assert torch.equal(v, first[k]), f"{k} differs between two builds with the same seed"
+    info_again = json.loads((rebuilt / "build_info.json").read_text())
+    assert (info_again["teacher_sha256"], info_again["student_sha256"]) == (info["teacher_sha256"], info["student_sha256"])
     with pytest.raises(ValueError, match="Unknown embedded artefact"):
         embedded.resolve("embedded:nope", recipe)
 

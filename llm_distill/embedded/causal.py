@@ -246,7 +246,20 @@ def pretrain_causal_lm(model, blocks: torch.Tensor, steps: int, batch_size: int,
     return model
 
 
-def _atomic_publish(tmp: Path, final: Path) -> None:
+def weights_digest(model) -> str:
+    """sha256 of a model's weights (sorted names, raw bytes): two builds made the same weights iff it matches.
+    Recorded in ``build_info.json`` so builds on two machines can be compared without the files."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def publish_build(tmp: Path, final: Path, info: dict) -> None:
+    """Write ``build_info.json`` (the marker of a finished build) and move the folder in place atomically; a
+    concurrent builder that finished first wins and this copy is dropped."""
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
     if final.exists():
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -302,10 +315,12 @@ def build(recipe: TinyRecipe | None = None, force: bool = False) -> Path:
             "train_tokens": int(blocks.numel()),
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters()),
+            "teacher_sha256": weights_digest(teacher),
+            "student_sha256": weights_digest(student),
+            "torch_threads": torch.get_num_threads(),
             "build_seconds": round(time.time() - start, 1),
         }
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
-        _atomic_publish(tmp, final)
+        publish_build(tmp, final, info)
         logger.warning(
             "Built embedded default in %s in %.0fs: teacher %.1fM params, student %.1fM params, %d train / %d held-out files",
             final, time.time() - start, info["teacher_params"] / 1e6, info["student_params"] / 1e6,

@@ -16,7 +16,6 @@ recipe *and* the causal recipe it builds on), so changing it never invalidates t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import shutil
@@ -142,10 +141,10 @@ def build_mlm_teacher(base: causal.TinyRecipe | None = None, recipe: TinyMLMReci
             "python": sys.version.split()[0],
             "train_tokens": int(blocks.numel()),
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "teacher_sha256": causal.weights_digest(teacher),
             "build_seconds": round(time.time() - start, 1),
         }
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
-        causal._atomic_publish(tmp, final)
+        causal.publish_build(tmp, final, info)
         logger.warning("Built the embedded masked-LM teacher (BERT, %.1fM params, %d steps on %d tokens) in %s in %.0fs",
                        info["teacher_params"] / 1e6, recipe.steps, info["train_tokens"], final, time.time() - start)
     return final / "teacher"

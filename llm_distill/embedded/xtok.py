@@ -22,7 +22,6 @@ the causal teacher, so it builds independently of (and in parallel with) the cau
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import sys
@@ -110,9 +109,8 @@ def build_xtok(base: causal.TinyRecipe | None = None, recipe: XtokRecipe | None 
         AutoModelForCausalLM.from_pretrained(tmp / "student_xtok")(input_ids=torch.tensor([tokenizer("def f():")["input_ids"]]))
         info = {"recipe": dataclasses.asdict(recipe), "base": base.digest(), "python": sys.version.split()[0],
                 "tokens": len(tokenizer), "student_params": sum(p.numel() for p in student.parameters()),
-                "build_seconds": round(time.time() - start, 1)}
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
-        causal._atomic_publish(tmp, final)
+                "student_sha256": causal.weights_digest(student), "build_seconds": round(time.time() - start, 1)}
+        causal.publish_build(tmp, final, info)
         logger.warning("Built the cross-tokenizer pair in %s in %.0fs (%d tokens)", final, time.time() - start,
                        len(tokenizer))
     return final
