@@ -27,6 +27,7 @@ sliding-window, hybrid or recurrent caches use the static path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -55,10 +56,13 @@ class Row:
 
 
 def supports_refill(model) -> bool:
-    """True when the model is a decoder-only LM whose cache is full-attention ``DynamicLayer`` s only (no sliding
-    window, no recurrent state): those are the caches :class:`RefillDecoder` can cut and join by batch row."""
+    """True when the model is a decoder-only LM whose forward takes ``position_ids``, ``cache`` and ``logits_to_keep``
+    and whose cache is full-attention ``DynamicLayer`` s only (no sliding window, no recurrent state): those are the
+    caches :class:`RefillDecoder` can cut and join by batch row."""
     if getattr(model.config, "is_encoder_decoder", False):
         return False
+    if not {"position_ids", "cache", "logits_to_keep"} <= set(inspect.signature(model.forward).parameters):
+        return False  # older remote code: its forward does not take what this decoder passes
     try:
         cache = DynamicCache(config=model.config)
     except Exception:  # noqa: BLE001 - a config DynamicCache cannot read: not a model this decoder knows
