@@ -1,13 +1,17 @@
-"""Throughput of the batched generator vs the one-prompt-at-a-time loop, on the embedded teacher.
+"""Throughput of the generator (refill and static batches) vs the one-prompt-at-a-time loop, on the embedded teacher.
 
     python scripts/bench_generate.py                                 # 64 prompts, 64 new tokens, greedy, 3 repeats
     python scripts/bench_generate.py --num_prompts 128 --batch_sizes 8 32 64 --repeats 3
+    python scripts/bench_generate.py --generate_batch false          # without transformers' continuous batching
 
 Same prompts (the first 8 lines of stdlib files, as in configs/generate.yaml), same max_new_tokens, greedy
 decoding. "one-at-a-time" is the tutorial loop ``model.generate(**tokenizer(prompt, return_tensors="pt"))``
-per prompt; "batched" is ``llm_distill.generation`` (length-sorted, left-padded batches). Tokens/s counts
-real response tokens (no EOS, no padding). Methods alternate across repeats and the median is reported,
-because timings on a shared CPU are noisy. Prints a table and writes ``bench_results/generate.json``.
+per prompt; "static" is ``llm_distill.generation`` with ``decoding=static`` (length-sorted, left-padded batches,
+one ``generate`` each); "refill" is its default ``decoding=refill`` (``batch_size`` rows in flight, a finished
+row's slot refilled at once); "generate_batch" is transformers' ``model.generate_batch`` (continuous batching,
+paged cache). Tokens/s counts real response tokens (no EOS, no padding). Methods alternate across repeats and the
+median is reported, because timings on a shared CPU are noisy. Prints a table and writes
+``bench_results/generate.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from llm_distill.config import parse_args_and_config  # noqa: E402
+from llm_distill.embedded import resolve  # noqa: E402
 from llm_distill.generation import GenerateArguments, HFBackend, encode_prompts, load_prompts, plan_batches  # noqa: E402
 from llm_distill.models import load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -43,6 +48,10 @@ class BenchArguments:
     batch_sizes: list[int] = field(default_factory=lambda: [8, 32], metadata={"help": "Batch sizes to measure."})
     repeats: int = field(default=3, metadata={"help": "Alternating repeats per method; the median is reported."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads for every method."})
+    generate_batch: bool = field(
+        default=True, metadata={"help": "Also time transformers' own continuous batching (model.generate_batch), "
+                                        "at the largest batch size."}
+    )
     output: str = field(default="bench_results/generate.json", metadata={"help": "Where the JSON results go."})
     seed: int = field(default=0, metadata={"help": "Seed."})
 
@@ -53,18 +62,38 @@ def one_at_a_time(model, tokenizer, texts: list[str], max_new_tokens: int) -> tu
     for text in texts:
         enc = tokenizer(text, return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
-        stop = next((i for i, t in enumerate(new) if t == tokenizer.eos_token_id), len(new))
-        outputs.append(new[:stop])
+        outputs.append(until_eos(out[0, enc["input_ids"].shape[1]:].tolist(), tokenizer.eos_token_id))
     return sum(len(o) for o in outputs), outputs
 
 
-def batched(backend: HFBackend, prompts, batch_size: int) -> tuple[int, list[list[int]]]:
+def until_eos(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def generator(backend: HFBackend, prompts, batch_size: int) -> tuple[int, list[list[int]]]:
+    """``llm_distill.generation``: the backend's batches as the job runs them (length-sorted plan)."""
     by_index = {}
-    for batch in plan_batches(prompts, batch_size):
-        for p, (c,) in zip(batch, backend.generate(batch, seed=0)):
+    for batch, completions in backend.generate_batches(plan_batches(prompts, batch_size), seed=0):
+        for p, (c,) in zip(batch, completions):
             by_index[p.index] = c.token_ids
     outputs = [by_index[i] for i in sorted(by_index)]
+    return sum(len(o) for o in outputs), outputs
+
+
+def generate_batch(model, tokenizer, prompts, max_new_tokens: int, batch_size: int) -> tuple[int, list[list[int]]]:
+    """transformers' continuous batching, its cache sized to this workload (left to itself on CPU it sizes the cache
+    from the machine's memory, which took 7 s per call here)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    longest = max(len(p.input_ids) for p in prompts) + max_new_tokens
+    cb = ContinuousBatchingConfig(page_size=64, num_blocks=len(prompts) * (longest // 64 + 1),
+                                  max_batch_tokens=64 * batch_size, max_requests_per_batch=batch_size)
+    results = model.generate_batch([p.input_ids for p in prompts], generation_config=config,
+                                   continuous_batching_config=cb, warmup=False)
+    outputs = [until_eos(list(r.generated_tokens), tokenizer.eos_token_id) for r in results.values()]  # input order
     return sum(len(o) for o in outputs), outputs
 
 
@@ -72,16 +101,21 @@ def main(argv: list[str]) -> dict:
     (b,) = parse_args_and_config((BenchArguments,), argv)
     torch.set_num_threads(b.threads)
     set_seed(b.seed)
-    gen_args = GenerateArguments(teacher_model=b.teacher_model, prompts="embedded:train", prompt_field="text",
+    gen_args = GenerateArguments(teacher_model=b.teacher_model, prompts=resolve("embedded:train"), prompt_field="text",
                                  id_field="source", prompt_max_lines=8, max_prompts=b.num_prompts,
                                  max_new_tokens=b.max_new_tokens, chat_template="never")
-    tokenizer = load_tokenizer(b.teacher_model)
+    tokenizer = load_tokenizer(resolve(b.teacher_model))
     prompts, _ = encode_prompts(load_prompts(gen_args), tokenizer, False, 1024 - b.max_new_tokens, "truncate_left")
-    model = load_causal_lm(b.teacher_model).eval()
+    model = load_causal_lm(resolve(b.teacher_model)).eval()
     methods = {"one-at-a-time": lambda: one_at_a_time(model, tokenizer, [p.prompt for p in prompts], b.max_new_tokens)}
-    for bs in b.batch_sizes:
-        backend = HFBackend(model, tokenizer, GenerateArguments(max_new_tokens=b.max_new_tokens))
-        methods[f"batched (batch {bs})"] = lambda backend=backend, bs=bs: batched(backend, prompts, bs)
+    for decoding in ("static", "refill"):
+        for bs in b.batch_sizes:
+            backend = HFBackend(model, tokenizer, GenerateArguments(max_new_tokens=b.max_new_tokens, batch_size=bs,
+                                                                    decoding=decoding))
+            methods[f"{decoding} (batch {bs})"] = lambda backend=backend, bs=bs: generator(backend, prompts, bs)
+    if b.generate_batch:
+        bs = max(b.batch_sizes)
+        methods[f"generate_batch ({bs})"] = lambda: generate_batch(model, tokenizer, prompts, b.max_new_tokens, bs)
 
     times = {name: [] for name in methods}
     tokens, outputs = {}, {}

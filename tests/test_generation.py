@@ -82,7 +82,8 @@ def read(path) -> list[dict]:
 def test_config_checks_name_the_field():
     for kw, name in [(dict(temperature=0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(batch_size=0), "batch_size"),
                      (dict(num_return_sequences=2), "num_return_sequences"), (dict(over_length="cut"), "over_length"),
-                     (dict(backend="tgi"), "backend"), (dict(max_prompts=0), "max_prompts")]:
+                     (dict(backend="tgi"), "backend"), (dict(max_prompts=0), "max_prompts"),
+                     (dict(decoding="paged"), "decoding")]:
         with pytest.raises(ValueError, match=name):
             GenerateArguments(**kw)
     GenerateArguments(num_return_sequences=2, do_sample=True)
@@ -179,9 +180,10 @@ def encoded(tiny_tokenizer, texts):
     return [Prompt(i, i, prompt=t, input_ids=tiny_tokenizer(t)["input_ids"]) for i, t in enumerate(texts)]
 
 
-def test_left_padded_batch_equals_one_at_a_time(tiny_tokenizer, llama_factory):
+@pytest.mark.parametrize("decoding", ["static", "refill"])
+def test_left_padded_batch_equals_one_at_a_time(tiny_tokenizer, llama_factory, decoding):
     model = llama_factory(seed=1)
-    backend = HFBackend(model, tiny_tokenizer, GenerateArguments(max_new_tokens=10))
+    backend = HFBackend(model, tiny_tokenizer, GenerateArguments(max_new_tokens=10, decoding=decoding))
     prompts = encoded(tiny_tokenizer, PROMPTS[:6])  # lengths differ, so the batch is left-padded
     batched = backend.generate(prompts, seed=0)
     for p, comps in zip(prompts, batched):
@@ -504,3 +506,88 @@ def test_sampled_two_processes_batch_3_match_one_process_batch_8(teacher_dir, pr
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert summary_of(out.stdout)["world_size"] == 2
     assert read(two.output) == read(one.output)
+
+
+# ------------------------------------------------------------------------- refill decoding (#18, item 4)
+
+
+def eos_prone(model, tokenizer, prompts, max_new_tokens=16, scale=1.05):
+    """``model`` changed so that rows stop at EOS after different numbers of tokens: EOS's output row becomes
+    ``scale`` x that of the token the model generates most, so EOS wins wherever that token would have."""
+    backend = HFBackend(model, tokenizer, GenerateArguments(max_new_tokens=max_new_tokens, decoding="static"))
+    counts = {}
+    for (c,) in backend.generate(prompts, seed=0):
+        for t in c.token_ids[1:]:
+            counts[t] = counts.get(t, 0) + 1
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = scale * model.lm_head.weight[max(counts, key=counts.get)]
+    return model
+
+
+def by_index(backend, prompts, batch_size, seed=0):
+    """Every prompt's completions through ``generate_batches``, keyed by prompt index."""
+    out = {}
+    for batch, completions in backend.generate_batches(plan_batches(prompts, batch_size), seed=seed):
+        out.update({p.index: [(c.token_ids, c.finish_reason, c.top_ids, c.top_logprobs) for c in comps]
+                    for p, comps in zip(batch, completions)})
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_refill_greedy_equals_one_at_a_time_as_rows_finish_at_different_steps(tiny_tokenizer, llama_factory, seed):
+    """Refill keeps 3 rows in flight over 14 prompts; rows end at EOS after 1..15 tokens or at max_new_tokens, their
+    slots are refilled (cache rows cut out, new prompts prefilled and joined): every row equals one-prompt generate."""
+    prompts = encoded(tiny_tokenizer, PROMPTS[:14])
+    model = eos_prone(llama_factory(seed=seed), tiny_tokenizer, prompts)
+    static = HFBackend(model, tiny_tokenizer, GenerateArguments(max_new_tokens=16, decoding="static"))
+    alone = {p.index: [(c.token_ids, c.finish_reason, None, None) for c in static.generate([p], seed=0)[0]]
+             for p in prompts}
+    lengths = {len(v[0][0]) for v in alone.values()}
+    assert {v[0][1] for v in alone.values()} == {"eos", "length"} and len(lengths) >= 4  # rows do end apart
+    for rows in (1, 3, 14):
+        refill = HFBackend(model, tiny_tokenizer, GenerateArguments(max_new_tokens=16, batch_size=rows))
+        assert refill.refill and by_index(refill, prompts, rows) == alone
+
+
+def test_refill_sampled_rows_equal_static_rows_under_per_row_seeds(tiny_tokenizer, llama_factory):
+    """Sampling (top-k, 2 samples a prompt, rows stopping at EOS): refill with 2 or 8 rows in flight writes the
+    static path's samples, since each row draws from its own (seed, id, sample_index) generator."""
+    prompts = encoded(tiny_tokenizer, PROMPTS[:10])
+    model = eos_prone(llama_factory(seed=1), tiny_tokenizer, prompts, scale=2.0)
+    common = dict(max_new_tokens=12, do_sample=True, top_k=20, num_return_sequences=2)
+    static = by_index(HFBackend(model, tiny_tokenizer, GenerateArguments(decoding="static", **common)), prompts, 4, 7)
+    for rows in (1, 4):  # batch_size prompts in flight: 2 and 8 rows
+        refill = HFBackend(model, tiny_tokenizer, GenerateArguments(batch_size=rows, **common))
+        assert by_index(refill, prompts, rows, 7) == static
+    assert any(a[0] != b[0] for a, b in static.values())                # the two samples differ: sampled
+    assert {r[1] for rs in static.values() for r in rs} == {"eos", "length"}
+
+
+def test_refill_penalty_and_top_logprobs_equal_one_at_a_time(tiny_tokenizer, llama_factory):
+    """Repetition penalty over each row's own tokens and the raw top-k log-probs: refill equals one-prompt generate
+    (the static path's padded batches would also penalise the pad id)."""
+    prompts = encoded(tiny_tokenizer, PROMPTS[:8])
+    model = eos_prone(llama_factory(seed=2), tiny_tokenizer, prompts)
+    args = dict(max_new_tokens=12, repetition_penalty=1.3, logprobs=3)
+    static = HFBackend(model, tiny_tokenizer, GenerateArguments(decoding="static", **args))
+    refill = by_index(HFBackend(model, tiny_tokenizer, GenerateArguments(batch_size=3, **args)), prompts, 3)
+    for p in prompts:
+        (c,) = static.generate([p], seed=0)[0]
+        (tokens, reason, top_ids, top_logprobs), = refill[p.index]
+        assert (tokens, reason, top_ids) == (c.token_ids, c.finish_reason, c.top_ids)
+        assert torch.allclose(torch.tensor(top_logprobs), torch.tensor(c.top_logprobs), atol=1e-4)
+
+
+def test_refill_needs_a_full_attention_cache(tiny_tokenizer):
+    """A sliding-window model (its cache layers cannot be joined by row) runs the static path, with a warning."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from llm_distill.generation.refill import supports_refill
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
+                           pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    sliding = MistralForCausalLM(config).eval()
+    assert not supports_refill(sliding)
+    backend = HFBackend(sliding, tiny_tokenizer, GenerateArguments(max_new_tokens=4))
+    assert not backend.refill and len(backend.generate(encoded(tiny_tokenizer, PROMPTS[:2]), seed=0)) == 2

@@ -20,8 +20,10 @@ Pipeline (``llm_distill.jobs.generate.run_generation``), every check before the 
    on the number of processes, so 1 and N processes (and a resumed run) run *the same batches* and
    greedy decoding gives bit-identical rows. (``split_between_processes`` pads the last shard with
    duplicates, which would then have to be removed; a round-robin plan never creates them.)
-4. **Generate** each batch left-padded (decoder-only), stop on EOS, and append its rows to this rank's
-   shard ``<output>.parts/shard-<rank>.jsonl`` with flush + fsync as soon as the batch finishes.
+4. **Generate** with ``batch_size`` prompts in flight (``decoding=refill``: a row that stops on EOS or
+   ``max_new_tokens`` hands its slot to the next prompt at once; ``static``: one left-padded ``generate`` per
+   batch), and append a batch's rows to this rank's shard ``<output>.parts/shard-<rank>.jsonl`` with flush +
+   fsync as soon as the batch's last row finishes.
 5. **Resume**: on restart with the same output, a truncated last line (a kill mid-write) is cut off, the
    rows already on disk are skipped, and a batch that was only partly written is generated again whole
    (same batch => same numerics) but only its missing rows are written: every id exactly once.
@@ -30,7 +32,7 @@ Pipeline (``llm_distill.jobs.generate.run_generation``), every check before the 
    order to ``<output>`` atomically (temp file + rename), and records a summary in ``<stem>.meta.json``.
 """
 
-from llm_distill.generation.arguments import BACKENDS, CHAT_TEMPLATE_MODES, OVER_LENGTH, GenerateArguments
+from llm_distill.generation.arguments import BACKENDS, CHAT_TEMPLATE_MODES, DECODINGS, OVER_LENGTH, GenerateArguments
 from llm_distill.generation.backends import Completion, HFBackend, VLLMBackend
 from llm_distill.generation.prompts import (
     Prompt,
@@ -46,7 +48,7 @@ from llm_distill.generation.sampling import RowSampler, row_seed
 from llm_distill.generation.store import OutputExistsError, ShardStore, read_rows, repair_jsonl, row_key
 
 __all__ = [
-    "BACKENDS", "CHAT_TEMPLATE_MODES", "OVER_LENGTH", "GenerateArguments", "Completion", "HFBackend", "VLLMBackend",
+    "BACKENDS", "CHAT_TEMPLATE_MODES", "DECODINGS", "OVER_LENGTH", "GenerateArguments", "Completion", "HFBackend", "VLLMBackend",
     "Prompt", "PromptValidationError", "conversation", "encode_prompts", "load_prompts", "plan_batches",
     "use_chat_template", "fingerprint_of", "make_rows", "OutputExistsError", "ShardStore", "read_rows",
     "repair_jsonl", "row_key", "RowSampler", "row_seed",

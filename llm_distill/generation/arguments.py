@@ -9,6 +9,7 @@ from llm_distill.checks import DTYPES, check_field
 OVER_LENGTH = ("truncate_left", "skip", "error")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 BACKENDS = ("hf", "vllm")
+DECODINGS = ("refill", "static")
 
 
 @dataclass
@@ -29,6 +30,14 @@ class GenerateArguments:
         default="hf",
         metadata={"help": f"Generation backend, one of {', '.join(BACKENDS)}: hf = transformers generate (batched, "
                           "left-padded; the tested default); vllm = vLLM offline inference (needs `pip install vllm`)."},
+    )
+    decoding: str = field(
+        default="refill",
+        metadata={"help": f"backend=hf only, one of {', '.join(DECODINGS)}: refill = batch_size rows in flight, a "
+                          "finished row's slot goes to the next prompt at once (continuous batching; the default); "
+                          "static = one model.generate per batch, every row waits for the batch's longest. Both give "
+                          "the same greedy tokens and the same per-row seeded samples; models whose cache is not a "
+                          "full-attention DynamicCache (sliding window, recurrent) always run static."},
     )
     # --- prompts
     prompts: str | None = field(
@@ -90,7 +99,11 @@ class GenerateArguments:
                           "for offline logit KD; 0 = off."},
     )
     # --- execution and output
-    batch_size: int = field(default=32, metadata={"help": "Prompts per generate call (per process)."})
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Prompts decoded together (per process): with decoding=refill the prompts in flight, "
+                          "with static the prompts per generate call; also the unit of crash-safe appends."},
+    )
     sort_by_length: bool = field(
         default=True, metadata={"help": "Batch prompts of similar length together (less padding, faster)."}
     )
@@ -112,6 +125,7 @@ class GenerateArguments:
 
     def __post_init__(self):
         check_field(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
+        check_field(self.decoding in DECODINGS, "decoding", self.decoding, f"one of {', '.join(DECODINGS)}")
         check_field(self.teacher_dtype in DTYPES, "teacher_dtype", self.teacher_dtype, f"one of {', '.join(DTYPES)}")
         check_field(self.chat_template in CHAT_TEMPLATE_MODES, "chat_template", self.chat_template,
                f"one of {', '.join(CHAT_TEMPLATE_MODES)}")

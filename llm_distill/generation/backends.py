@@ -1,21 +1,25 @@
-"""Generation backends behind one interface, ``generate(batch, seed) -> completions per prompt``.
+"""Generation backends behind one interface: ``generate_batches(batches, seed)`` yields each batch with its
+completions as soon as the batch is done (``generate(batch, seed)`` for one batch).
 
-``HFBackend`` (batched, left-padded ``model.generate``; the tested default) and ``VLLMBackend`` (vLLM offline
-inference, for GPU machines).
+``HFBackend`` (transformers; the tested default: refill decoding, or one left-padded ``model.generate`` per batch)
+and ``VLLMBackend`` (vLLM offline inference, for GPU machines).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-
 from transformers.generation.logits_process import LogitsProcessorList
 
 from llm_distill.generation.arguments import GenerateArguments
 from llm_distill.generation.prompts import Prompt
-from llm_distill.generation.sampling import RowSampler, row_seed
+from llm_distill.generation.refill import RefillDecoder, Row, left_pad, supports_refill
+from llm_distill.generation.sampling import RowSampler, row_generator, row_seed
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Completion:
@@ -28,7 +32,8 @@ class Completion:
 
 
 class HFBackend:
-    """Batched, left-padded ``model.generate`` (the tested default backend)."""
+    """transformers decoding: refill (continuous batching, :mod:`llm_distill.generation.refill`) by default, or one
+    left-padded ``model.generate`` per batch (``decoding=static``, and for models whose cache refill cannot cut)."""
 
     def __init__(self, model, tokenizer, args: GenerateArguments):
         self.model, self.args = model.eval(), args
@@ -39,19 +44,50 @@ class HFBackend:
             sorted(self.eos_ids), self.pad_id, tokenizer.bos_token_id, max_new_tokens=args.max_new_tokens,
             do_sample=False, repetition_penalty=args.repetition_penalty, output_logits=args.logprobs > 0)
         self.sampler = RowSampler(args.temperature, args.top_k, args.top_p) if args.do_sample else None
+        self.refill = args.decoding == "refill" and supports_refill(self.model)
+        if args.decoding == "refill" and not self.refill:
+            logger.warning("decoding=refill needs a full-attention DynamicCache; %s has another cache, so each batch is "
+                           "one model.generate call (decoding=static).", type(model).__name__)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
-    def left_pad(self, batch: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        return left_pad([p.input_ids for p in batch], self.pad_id, self.device)
-
-    @torch.inference_mode()
     def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
         """``num_return_sequences`` completions per prompt, in batch order. Sampled rows depend only on ``(seed,
         prompt id, sample_index)`` (:class:`RowSampler`), never on the batch around them."""
-        input_ids, attention_mask = self.left_pad(batch)                   # (B, P)
+        (_, completions), = self.generate_batches([batch], seed)
+        return completions
+
+    def generate_batches(self, batches: list[list[Prompt]], seed: int) -> Iterator[tuple[list[Prompt], list]]:
+        """Yield ``(batch, completions per prompt)`` for every batch as soon as all its rows are done. With refill
+        decoding, ``batch_size`` prompts are in flight at any time and a finished row's slot goes to the next prompt,
+        so a batch's rows may run beside the next batch's (batches can finish out of order)."""
+        if not self.refill:
+            for batch in batches:
+                yield batch, self._generate_static(batch, seed)
+            return
+        n = self.args.num_return_sequences
+        decoder = RefillDecoder(self.model, max_rows=self.args.batch_size * n, max_new_tokens=self.args.max_new_tokens,
+                                eos_ids=self.eos_ids, pad_id=self.pad_id, sampler=self.sampler,
+                                repetition_penalty=self.args.repetition_penalty, logprobs=self.args.logprobs)
+        rows = (Row((b, i, s), p.input_ids, None if self.sampler is None else
+                    row_generator(row_seed(seed, p.id, s), self.device))
+                for b, batch in enumerate(batches) for i, p in enumerate(batch) for s in range(n))
+        done = [[[None] * n for _ in batch] for batch in batches]
+        left = [len(batch) * n for batch in batches]
+        for row in decoder.run(rows):
+            b, i, s = row.key
+            done[b][i][s] = Completion(row.tokens, row.finish_reason, *((row.top_ids, row.top_logprobs)
+                                                                        if self.args.logprobs else ()))
+            left[b] -= 1
+            if left[b] == 0:
+                yield batches[b], done[b]
+
+    @torch.inference_mode()
+    def _generate_static(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
+        """One left-padded ``model.generate`` for the batch: every row runs until the batch's longest is done."""
+        input_ids, attention_mask = left_pad([p.input_ids for p in batch], self.pad_id, self.device)  # (B, P)
         k, n = self.args.logprobs, self.args.num_return_sequences
         extra = {}
         if n > 1:  # each prompt n times in a row (generate's own expansion is for sampling mode only)
@@ -77,7 +113,7 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM offline inference behind the same ``generate(batch, seed)`` interface.
+    """vLLM offline inference behind the same ``generate_batches(batches, seed)`` interface.
 
     Not installable on the CPU machines this project is tested on, so it is covered only by the "clear
     error when missing" test. Use a large ``batch_size`` (e.g. 1024): vLLM schedules within the call
@@ -95,6 +131,11 @@ class VLLMBackend:
                        dtype=args.teacher_dtype, seed=args.seed, trust_remote_code=args.trust_remote_code,
                        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                        tensor_parallel_size=args.vllm_tensor_parallel_size)
+
+    def generate_batches(self, batches: list[list[Prompt]], seed: int) -> Iterator[tuple[list[Prompt], list]]:
+        """One ``llm.generate`` call per batch (vLLM schedules continuously within the call)."""
+        for batch in batches:
+            yield batch, self.generate(batch, seed)
 
     def generate(self, batch: list[Prompt], seed: int) -> list[list[Completion]]:
         a = self.args
@@ -151,17 +192,6 @@ def make_generation_config(eos_ids: list[int], pad_id: int, bos_id: int | None, 
     else:
         params.update(temperature=None, top_p=None, top_k=None)
     return GenerationConfig(**params)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` ``(B, P)``, left-padded: a decoder-only batch generates from its last column."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, longest - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        attention_mask[i, longest - len(s):] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.no_grad()

@@ -55,8 +55,18 @@ class RowSampler(LogitsProcessor):
             raise RuntimeError(f"RowSampler has {len(self.seeds)} seeds for {scores.shape[0]} rows: call start() with "
                                "one seed per row before generate().")
         if not self.generators:  # created on the logits' device, on the first step
-            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
-        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)  # (B, V)
-        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+            self.generators = [row_generator(s, scores.device) for s in self.seeds]
+        tokens = self.draw(input_ids, scores, self.generators)
         onehot = torch.full_like(scores, float("-inf"))
         return onehot.scatter_(1, tokens[:, None], 0.0)
+
+    def draw(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, generators: list) -> torch.LongTensor:
+        """Row ``i``'s next token ``(B,)``, drawn from the warped ``softmax(scores[i])`` with ``generators[i]``; the
+        refill decoder calls this directly with the generators of the rows it holds at this step."""
+        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)  # (B, V)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def row_generator(seed: int, device="cpu") -> torch.Generator:
+    """The ``torch.Generator`` a row draws its tokens from, seeded with its :func:`row_seed`."""
+    return torch.Generator(device).manual_seed(seed)

@@ -146,9 +146,9 @@ def _generate(state, args: GenerateArguments, teacher_name: str, prep: _Prepared
     bar = tqdm(total=sum(len(b) for _, b in todo), desc=f"generating [rank {state.process_index}]", unit="prompt",
                dynamic_ncols=True, disable=not state.is_local_main_process)
     with store.open_shard(state.process_index) as handle:
-        for _, batch in todo:
-            t0 = time.perf_counter()
-            completions = backend.generate(batch, seed=args.seed)  # per row: (seed, id, sample_index)
+        t0 = time.perf_counter()
+        # batches come back as they finish (with refill decoding, not always in plan order); per row: (seed, id, index)
+        for batch, completions in backend.generate_batches([batch for _, batch in todo], seed=args.seed):
             gen_time += time.perf_counter() - t0
             rows = [r for p, comps in zip(batch, completions)
                     for r in make_rows(p, comps, prep.tokenizer, args, prep.chat, teacher_name, params)
@@ -158,6 +158,7 @@ def _generate(state, args: GenerateArguments, teacher_name: str, prep: _Prepared
             tokens += sum(r["response_tokens"] for r in rows)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / max(gen_time, 1e-9):,.0f}")
+            t0 = time.perf_counter()
     bar.close()
     return {"rank": state.process_index, "rows": rows_written, "tokens": tokens, "generate_s": gen_time}
 
