@@ -121,6 +121,24 @@ def test_config_path_and_setting_errors_are_one_message(tmp_path, capsys, saved_
         "error: model is not set")
 
 
+def test_a_users_target_is_never_paired_with_the_embedded_draft_or_prompts(saved_pair, capsys, monkeypatch):
+    """bench-speculative / distillspec: naming your own target but leaving the draft or prompts at the demo's is one
+    error naming the fields, before any embedded name is built or any weights load."""
+    from llm_distill import embedded
+    from llm_distill.jobs.bench_speculative import main as bench_main
+    from llm_distill.jobs.distillspec import main as distillspec_main
+
+    monkeypatch.setattr(embedded, "resolve", lambda *a, **k: pytest.fail("an embedded name was resolved"))
+    target = str(saved_pair["teacher"])
+    line = _one_error(capsys, bench_main, ["--target_model", target])
+    assert "draft_model" in line and "prompts" in line and "--draft_model ..." in line
+    line = _one_error(capsys, bench_main, ["--target_model", target, "--draft_model", target])
+    assert "prompts" in line and "draft_model" not in line
+    line = _one_error(capsys, distillspec_main, ["--target_model", target, "--draft_model", target,
+                                                  "--eval_prompts", str(saved_pair["train"])])
+    assert "train_prompts" in line and "eval_prompts" not in line
+
+
 def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch, saved_pair):
     from llm_distill.data import DataValidationError
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from llm_distill.config import parse_args_and_config
 from llm_distill.data import DataValidationError
 from llm_distill.embedded import resolve
+from llm_distill.jobs import check_demo_inputs
 from llm_distill.jsonl import read_jsonl
 from llm_distill.models import load_causal_lm, load_tokenizer
 from llm_distill.speculative import SpeculativeDecoder, check_gamma, expected_speedup
@@ -201,6 +202,7 @@ def median_of(runs: list[dict], key: str) -> float:
 
 def run_benchmark(args: BenchArguments) -> dict:
     """Every method, interleaved round by round in this process; returns the results (``format_table`` prints them)."""
+    check_demo_inputs(args, BenchArguments(), "target_model", ("draft_model", "prompts"))
     names, args = args, replace(args, **{name: resolve(getattr(args, name))
                                           for name in ("target_model", "draft_model", "tokenizer", "prompts")})
     torch.set_num_threads(args.threads)

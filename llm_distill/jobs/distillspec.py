@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from llm_distill.config import DataArguments, DistillationConfig, ModelArguments, config_from_dict, parse_args_and_config
 from llm_distill.embedded import resolve
+from llm_distill.jobs import check_demo_inputs
 from llm_distill.jobs.bench_speculative import PROMPT_FORMATS, batches, load_prompt_ids
 from llm_distill.jobs.distill import DEFAULT_CONFIG, run_distillation
 from llm_distill.losses import Divergence
@@ -53,6 +54,9 @@ class DistillSpecArguments:
     data_source: str = field(default="mixed", metadata={"help": f"Who writes the continuations: {', '.join(DATA_SOURCES)}."})
     data_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the continuations."})
     eval_gamma: int = field(default=4, metadata={"help": "gamma for the acceptance measurement."})
+    data_gamma: int = field(default=4, metadata={
+        "help": "gamma when the target writes continuations (exact samples either way); 0 = the target decodes alone, "
+                "faster while the draft still accepts little (e.g. a fresh layer cut of a deep model)."})
     loss_type: str = field(default="forward_kl", metadata={"help": "KD divergence (see DistillationConfig.loss_type)."})
     max_steps: int = field(default=300, metadata={"help": "Training steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine)."})
@@ -66,6 +70,8 @@ class DistillSpecArguments:
         if self.data_source not in DATA_SOURCES:
             raise ValueError(f"data_source={self.data_source!r} is invalid: expected one of {', '.join(DATA_SOURCES)}.")
         check_gamma(self.eval_gamma)
+        if self.data_gamma < 0:
+            raise ValueError(f"data_gamma={self.data_gamma} is invalid: expected an integer >= 0 (0 = target alone).")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format={self.prompt_format!r} is invalid: choose one of {PROMPT_FORMATS}.")
         for name in ("num_train_prompts", "num_eval_prompts", "prompt_tokens", "max_new_tokens",
@@ -103,7 +109,7 @@ def generate_continuations(model_target, model_draft, tokenizer, prompts, source
         if writer == "draft":  # on-policy: the draft decodes alone (gamma=0 = one model, autoregressive)
             decoder, gamma = SpeculativeDecoder(model_draft, model_draft, tokenizer), 0
         else:  # the target's own samples, produced by speculative sampling (lossless, cheaper)
-            decoder, gamma = SpeculativeDecoder(model_target, model_draft, tokenizer), 4
+            decoder, gamma = SpeculativeDecoder(model_target, model_draft, tokenizer), args.data_gamma
         out = decoder.generate(chunk, max_new_tokens=args.max_new_tokens, do_sample=True, gamma=gamma,
                                temperature=args.data_temperature, generator=gen, eos_token_id=[])
         for p, g in zip(chunk, out.generated):
@@ -114,6 +120,7 @@ def generate_continuations(model_target, model_draft, tokenizer, prompts, source
 
 def run_distillspec(args: DistillSpecArguments) -> dict:
     """Acceptance before, continuation data, distillation, acceptance after; returns (and writes) the summary."""
+    check_demo_inputs(args, DistillSpecArguments(), "target_model", ("draft_model", "train_prompts", "eval_prompts"))
     names, args = args, replace(args, **{name: resolve(getattr(args, name)) for name in
                                           ("target_model", "draft_model", "train_prompts", "eval_prompts")})
     start = time.time()
