@@ -6,6 +6,7 @@
     python scripts/bench_kd_overhead.py --config my.yaml    # any distill config (models, data, batch size)
     python scripts/bench_kd_overhead.py --memory_steps 0    # timings only (no peak-memory subprocesses)
     python scripts/bench_kd_overhead.py --base HEAD~1       # + that revision's KD trainer rows, same rounds (before/after)
+    python scripts/bench_kd_overhead.py --threads 1         # on a shared machine: no OpenMP barrier stalls (see below)
 
 overhead = (KD step) / (student fine-tuning step + teacher forward), the issue's definition: 1.0 means the
 distillation loss itself is free, everything else is the two forwards any online KD must pay.
@@ -24,7 +25,9 @@ distillation loss itself is free, everything else is the two forwards any online
 
 All alternate on the same batches after a warm-up; medians of ``--reps`` rounds. Before the rounds, each KD
 trainer's step-1 loss on the first batch is printed (the same weights for all: they match to rounding). Timings on a
-busy machine are noisy: compare the ratios, which are measured in one run.
+busy machine are noisy: compare the ratios, which are measured in one run. On a machine whose cores other jobs
+also use, torch's default of one thread per core makes every op wait at an OpenMP barrier for a thread that is not
+scheduled, which penalises the step with more (smaller) ops; ``--threads 1`` measures the work without that.
 
 Peak memory (``--memory_steps`` > 0, CPU): each trainer in a fresh process of its own, which loads the models and
 batches, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) and reports the peak resident set of
@@ -230,7 +233,8 @@ def peak_memory(names: list[str], args, distill_argv: list[str]) -> dict:
     for name in names:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", name, "--memory_steps",
                str(args.memory_steps), *(["--loss_types", args.loss_types] if args.loss_types else []),
-               *(["--base", args.base] if args.base else []), *distill_argv]
+               *(["--base", args.base] if args.base else []), *(["--threads", str(args.threads)] if args.threads else []),
+               *distill_argv]
         result = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in result.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
         if result.returncode != 0 or not lines:
@@ -300,8 +304,11 @@ def main() -> None:
                         help="git revision whose KD trainer rows are measured too, in the same rounds (before/after)")
     parser.add_argument("--profile", action="store_true",
                         help="print a torch.profiler table per row (--reps steps each after --warmup) and exit")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     args, distill_argv = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args, distill_argv)
     trainers, teacher, batches, train_args = build_trainers(args, distill_argv)
