@@ -23,7 +23,7 @@ distillation loss itself is free, everything else is the two forwards any online
   optimiser step (plain SFT, what a user would otherwise run);
 - teacher forward: ``teacher(**inputs).logits`` under ``no_grad``.
 
-All alternate on the same batches after a warm-up; medians of ``--reps`` rounds. Before the rounds, each KD
+All alternate on the same batches after a warm-up (the order reversed every other round); medians of ``--reps`` rounds. Before the rounds, each KD
 trainer's step-1 loss on the first batch is printed (the same weights for all: they match to rounding). Timings on a
 busy machine are noisy: compare the ratios, which are measured in one run. On a machine whose cores other jobs
 also use, torch's default of one thread per core makes every op wait at an OpenMP barrier for a thread that is not
@@ -260,10 +260,12 @@ def profile_rows(trainers: dict, batches: list, warmup: int, top: int = 20) -> N
 
 
 def run_rounds(trainers: dict, teacher, batches: list, warmup: int) -> dict:
-    """Per-row step seconds over the timed rounds; every round runs every row on the same batch."""
+    """Per-row step seconds over the timed rounds; every round runs every row on the same batch, in reversed order
+    on odd rounds (no row always follows the same one: allocator and cache state carry over between rows)."""
     times = {name: [] for name in [*trainers, "teacher forward"]}
+    names = list(trainers)
     for i, batch in enumerate(batches):
-        round_times = {name: timed_step(t, batch) for name, t in trainers.items()}
+        round_times = {name: timed_step(trainers[name], batch) for name in (names if i % 2 == 0 else names[::-1])}
         round_times["teacher forward"] = timed_teacher_forward(teacher, batch)
         if i >= warmup:
             for name, seconds in round_times.items():
