@@ -101,11 +101,23 @@ def token_divergence(
                                 Divergence.unchecked(loss_type, temperature, jsd_beta, skew_lambda))
 
 
+def log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 ``log_softmax(logits / T)`` over the last dimension. At T = 1 the division is skipped: ``x / 1 == x``
+    exactly, and it would cost a V-wide pass (and one more in backward) for nothing."""
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
 def divergence_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, div: Divergence) -> torch.Tensor:
     """``token_divergence`` with the settings already validated: ``(N, V)`` x2 -> ``(N,)`` fp32, times ``T**2``."""
+    return divergence_from_log_probs(log_softmax_at(student_logits, div.temperature),
+                                     log_softmax_at(teacher_logits, div.temperature), div)
+
+
+def divergence_from_log_probs(logq: torch.Tensor, logp: torch.Tensor, div: Divergence) -> torch.Tensor:
+    """``divergence_per_token`` from the student's and teacher's log-probabilities at temperature ``(N, V)`` x2 (as
+    ``log_softmax_at`` gives them): the caller may share the student's with its CE term. ``(N,)`` fp32, times ``T**2``."""
     temperature, beta, lam = div.temperature, div.jsd_beta, div.skew_lambda
-    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kind = div.effective_type
     if kind == "forward_kl":
         value = _kl_from_logprobs(logp, logq)
@@ -157,7 +169,7 @@ def topk_divergence_per_token(student_logits: torch.Tensor, topk_ids: torch.Tens
                               div: Divergence) -> torch.Tensor:
     """``topk_divergence`` with the settings already validated: ``(N, V)``, ``(N, k)`` x2 -> ``(N,)`` fp32."""
     temperature = div.temperature
-    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    logq = log_softmax_at(student_logits, temperature)  # (N, V)
     ids = topk_ids.long()
     logq_k = logq.gather(-1, ids)  # (N, k)
     logp_k = topk_logprobs.float()

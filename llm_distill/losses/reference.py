@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm_distill.losses.divergence import IGNORE_INDEX, Divergence, divergence_per_token
+from llm_distill.losses.divergence import IGNORE_INDEX, Divergence, divergence_from_log_probs, log_softmax_at
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,17 +108,26 @@ def distillation_loss(
 
     s = student_logits[valid]  # (N, Vs) only valid positions are ever computed
     targets = labels_s[valid]  # (N,)
+    divergence = divergence or Divergence.unchecked(loss_type, temperature, jsd_beta, skew_lambda)
+    use_kd = teacher_logits is not None and weights.kd > 0.0
+    # CE is log_softmax + NLL; when the KD term needs the very same log_softmax (T = 1, the same rows, no padded
+    # vocabulary to slice off) it is computed once for both: F.cross_entropy is exactly nll_loss(log_softmax(.)).
+    shared = (use_kd and kd_mask is None and divergence.temperature == 1.0
+              and teacher_logits.shape[-1] >= s.shape[-1])
+    logq = log_softmax_at(s, 1.0) if shared else None  # (N, Vs)
     with torch.set_grad_enabled(torch.is_grad_enabled() and weights.ce > 0.0):
-        ce = F.cross_entropy(s.float(), targets, reduction="sum") / denom
+        ce = (F.nll_loss(logq, targets, reduction="sum") if shared
+              else F.cross_entropy(s.float(), targets, reduction="sum")) / denom
 
-    if teacher_logits is None or weights.kd == 0.0:
+    if not use_kd:
         kd = torch.zeros((), device=s.device)
     else:
         s_kd = s if kd_mask is None else student_logits[kd_valid]  # (N_kd, Vs)
         t = teacher_logits[kd_valid]  # (N_kd, Vt)
         vocab = min(s_kd.shape[-1], t.shape[-1])
-        div = divergence_per_token(s_kd[:, :vocab], t[:, :vocab],
-                                   divergence or Divergence.unchecked(loss_type, temperature, jsd_beta, skew_lambda))
+        logp = log_softmax_at(t[:, :vocab], divergence.temperature)  # (N_kd, V)
+        div = divergence_from_log_probs(
+            logq if shared else log_softmax_at(s_kd[:, :vocab], divergence.temperature), logp, divergence)
         kd = div.sum() / kd_denom
     loss = weights.kd * kd + weights.ce * ce
     return DistillationLossOutput(loss=loss, kd_loss=kd.detach(), ce_loss=ce.detach(), num_tokens=num_tokens)
