@@ -260,3 +260,30 @@ def test_one_heldout_builder_same_figure_packed_or_not(saved_pair, tiny_tokenize
         assert sets[0]["input_ids"] == sets[1]["input_ids"]
         figures[packing] = evaluate_models({"model": model}, sets[0], collator, 4, reference=None)["model"]["perplexity"]
     assert figures[False] != figures[True]
+
+
+def test_evaluate_script_gives_the_figures_of_the_shared_routine(saved_pair, tiny_tokenizer, tmp_path):
+    """scripts/evaluate.py is the same held-out builder + evaluation as the jobs: same file and settings, same
+    perplexities; the first model is the reference of top-1 agreement; bad --models is one usage error."""
+    import importlib.util
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from llm_distill.config import DataArguments
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO_ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "scores.json"
+    scores = script.main(["--models", f"t={saved_pair['teacher']}", f"s={saved_pair['student']}", "--eval_dataset",
+                          str(saved_pair["eval"]), "--max_length", "32", "--packing", "true", "--max_eval_samples", "8",
+                          "--out", str(out)])
+    dataset = heldout_set(str(saved_pair["eval"]), tiny_tokenizer, DataArguments(max_length=32, packing=True), 8, 42)
+    models = {n: AutoModelForCausalLM.from_pretrained(saved_pair[k]) for n, k in (("t", "teacher"), ("s", "student"))}
+    direct = evaluate_models(models, dataset, DistillationCollator(tiny_tokenizer), 4, reference="t")
+    assert scores["s"]["perplexity"] == pytest.approx(direct["s"]["perplexity"], rel=1e-6)
+    assert scores["t"]["top1_agreement"] == 1.0 and scores["s"]["top1_agreement"] < 1.0
+    assert json.loads(out.read_text())["scores"]["s"]["perplexity"] == scores["s"]["perplexity"]
+    with pytest.raises(SystemExit):
+        script.main(["--models", "no-equals-sign"])

@@ -182,6 +182,8 @@ def _divergence_chunk(logits, teacher, targets, opts: ChunkedLossOptions, kd_sca
         return kd, ce, None
     kd_grad = h.addcmul_(q_t, h.sum(-1, keepdim=True), value=-1.0)  # d/dz = h - q sum(h), fused, no (c, V) temporary;
     # taken before q is overwritten in place (q_t may be q)
+    if ce_scale == 0.0 and vocab == logits.shape[-1]:  # alpha = 1 (the default): no CE part, two V-wide passes saved
+        return kd, ce, kd_grad.mul_(kd_scale * temperature)
     grad = q.mul_((ce_scale * label_rows).unsqueeze(1))  # (c, Vs): CE's q part
     _subtract_onehot(grad, targets, label_rows, ce_scale)
     grad[:, :vocab].add_(kd_grad, alpha=kd_scale * temperature)  # d/ds [T^2 L(q_T)] = T (h - q_T sum h)
