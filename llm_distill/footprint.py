@@ -9,7 +9,10 @@ them) and the median is reported, at 1 thread and at all threads.
 
 from __future__ import annotations
 
+import json
 import math
+import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +24,33 @@ import torch.nn.functional as F
 from llm_distill.losses import IGNORE_INDEX
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".bin", ".data")
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux ``/proc/self/statm``): torch's CPU allocations are invisible
+    to tracemalloc, so benchmarks read the resident set."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark, MiB (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict:
+    """The versions and machine a benchmark figure belongs to (every ``bench_results/*.json`` records them)."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def write_results(path: str | Path, result: dict) -> None:
+    """A benchmark's JSON, its folder created; prints where it went."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
 
 
 def file_size(folder: str | Path) -> int:

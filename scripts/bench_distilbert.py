@@ -16,10 +16,8 @@ of ``--repeats``), so the student / teacher ratio comes from one run on one mach
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -28,11 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import AutoModelForMaskedLM  # noqa: E402
 
 from llm_distill import embedded
 from llm_distill.evaluation import forward_latency  # noqa: E402
+from llm_distill.footprint import environment, write_results  # noqa: E402
 from llm_distill.jobs.distill import REPO_ROOT
 from llm_distill.jobs.distill import main as run_distillation  # noqa: E402
 
@@ -100,14 +98,10 @@ def main() -> None:
     print(f"\nparameters: teacher {cost['teacher_params'] / 1e6:.2f}M, student {cost['student_params'] / 1e6:.2f}M; "
           f"forward ({cost['latency_input']}): teacher {cost['teacher_latency_ms']:.1f} ms, "
           f"student {cost['student_latency_ms']:.1f} ms")
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+    env = {**environment(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
            "load_average_start": round(load_start, 2), "load_average_end": round(os.getloadavg()[0], 2)}
-    out = {"command": "python scripts/bench_distilbert.py " + " ".join(sys.argv[1:]), "env": env, "cost": cost,
-           "table": report, "runs": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"command": "python scripts/bench_distilbert.py " + " ".join(sys.argv[1:]), "env": env,
+                             "cost": cost, "table": report, "runs": results})
 
 
 if __name__ == "__main__":

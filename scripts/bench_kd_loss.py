@@ -33,16 +33,12 @@ logger = logging.getLogger("bench_kd_loss")
 VARIANTS = ("naive", "plain", "chunked", "liger")
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, seed: int) -> dict:
     """One forward+backward of ``variant`` in this (fresh) process: seconds and peak MiB above the inputs."""
     import torch
     import torch.nn.functional as F
 
+    from llm_distill.footprint import peak_rss_mib, rss_mib
     from llm_distill.losses import chunked_distillation_loss, distillation_loss
 
     torch.manual_seed(seed)
@@ -56,7 +52,7 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, seed
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         # beta=0 is forward KL in GKD's convention, the divergence every other variant computes here.
         liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.0, compiled=False)
-    base = torch.cuda.memory_allocated() if cuda else _rss_mib()
+    base = torch.cuda.memory_allocated() if cuda else rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -79,7 +75,7 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, seed
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # KiB -> MiB
+        peak = peak_rss_mib() - base
     return {"seconds": seconds, "peak_mib": peak}
 
 

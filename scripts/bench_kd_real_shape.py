@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,13 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llm_distill.footprint import environment, peak_rss_mib, rss_mib, write_results  # noqa: E402
+
 logger = logging.getLogger("bench_kd_real_shape")
 VARIANTS = {"chunked (default)": 256, "plain (loss_chunk_size 0)": 0}
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def qwen_pair(layers: int, vocab: int, seed: int):
@@ -78,9 +73,9 @@ def measure(chunk: int, args) -> dict:
         return time.perf_counter() - start
 
     step()  # creates AdamW's state: part of the baseline, as in any training run after step 1
-    base = _rss_mib()
+    base = rss_mib()
     times = [step() for _ in range(args.steps)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak = peak_rss_mib() - base
     return {"seconds": times, "peak_above_state_mib": peak, "baseline_rss_mib": base,
             "threads": torch.get_num_threads()}
 
@@ -131,15 +126,8 @@ def main() -> None:
         print(f"| {name} | {s['median_step_s']:.2f} | {tokens / s['median_step_s']:,.0f} | "
               f"{s['median_step_s'] / plain['median_step_s']:.3f} | {s['peak_above_state_mib']:,.0f} | "
               f"{s['peak_above_state_mib'] / plain['peak_above_state_mib']:.3f} |")
-    import torch
-    import transformers
-
-    out = {"command": "python " + " ".join(sys.argv), "args": vars(args), "summary": summary, "runs": results,
-           "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                   "python": platform.python_version(), "machine": platform.machine()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"command": "python " + " ".join(sys.argv), "args": vars(args), "summary": summary,
+                             "runs": results, "env": environment()})
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ be told from noise. Writes ``bench_results/quality.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -27,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
+from llm_distill.footprint import environment, write_results  # noqa: E402
 from llm_distill.jobs.distill import main as run_distillation  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
@@ -103,12 +101,9 @@ def main() -> None:
     lines, summary = table(per_seed)
     print(f"\nseeds {args.seeds}: mean ± sample std over seeds\n")
     print("\n".join(lines))
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"env": env, "seeds": args.seeds, "summary": summary,
-                                          "runs": {str(s): r for s, r in per_seed.items()}}, indent=2))
-    print(f"\nwrote {args.out}")
+    env = {**environment(), "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    write_results(args.out, {"env": env, "seeds": args.seeds, "summary": summary,
+                             "runs": {str(s): r for s, r in per_seed.items()}})
 
 
 if __name__ == "__main__":

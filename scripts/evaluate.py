@@ -47,7 +47,7 @@ def main(argv: list[str]) -> dict:
     dataset = heldout_set(resolve(args.eval_dataset), tokenizer, data_args, args.max_eval_samples, args.seed)
     models = {name: load_causal_lm(resolve(model), "float32").eval() for name, model in pairs}
     scores = evaluate_models(models, dataset, DistillationCollator(tokenizer), args.batch_size, reference=pairs[0][0])
-    print(f"\n{len(dataset)} sequences of {args.eval_dataset}, {sum(1 for _ in dataset) and scores[pairs[0][0]]['tokens']:,} "
+    print(f"\n{len(dataset)} sequences of {args.eval_dataset}, {scores[pairs[0][0]]['tokens']:,} "
           "scored tokens\n\n| model | perplexity | accuracy | top-1 agreement |\n| --- | ---: | ---: | ---: |")
     for name, s in scores.items():
         print(f"| {name} | {s['perplexity']:.2f} | {s['accuracy']:.3f} | {s.get('top1_agreement', float('nan')):.3f} |")

@@ -21,6 +21,7 @@ from llm_distill.generation.sampling import RowSampler, row_generator, row_seed
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Completion:
     """One response of the teacher to one prompt."""

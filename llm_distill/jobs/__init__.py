@@ -7,6 +7,7 @@ import jobs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -45,15 +46,16 @@ def with_base(argv: list[str], demo_config: Path, inputs: tuple[str, ...]) -> li
     return ["--config", str(demo_config), *argv]
 
 
-def check_demo_inputs(args, defaults, own: str, demo_inputs: tuple[str, ...]) -> None:
-    """Refuse a run whose ``own`` model is the user's (not ``embedded:``) but whose ``demo_inputs`` were left at the
-    demo defaults: a user's target must not be paired with the embedded draft or prompts (built for minutes, then
-    meaningless). Called before anything is resolved or loaded."""
+def check_demo_inputs(args, own: str, demo_inputs: tuple[str, ...]) -> None:
+    """Refuse a run whose ``own`` model is the user's (not ``embedded:``) but whose ``demo_inputs`` (fields of the
+    arguments dataclass ``args``) were left at their demo defaults: a user's target must not be paired with the
+    embedded draft or prompts (built for minutes, then meaningless). Called before anything is resolved or loaded."""
     from llm_distill.config import ConfigError
 
     if str(getattr(args, own)).startswith("embedded:"):
         return
-    left = [name for name in demo_inputs if getattr(args, name) == getattr(defaults, name)]
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    left = [name for name in demo_inputs if getattr(args, name) == defaults[name]]
     if left:
         raise ConfigError(f"{own}={getattr(args, own)!r} is yours, but {', '.join(left)} still name(s) the embedded demo "
                           f"({', '.join(f'{n}={getattr(args, n)!r}' for n in left)}): pass "

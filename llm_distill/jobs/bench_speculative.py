@@ -202,7 +202,7 @@ def median_of(runs: list[dict], key: str) -> float:
 
 def run_benchmark(args: BenchArguments) -> dict:
     """Every method, interleaved round by round in this process; returns the results (``format_table`` prints them)."""
-    check_demo_inputs(args, BenchArguments(), "target_model", ("draft_model", "prompts"))
+    check_demo_inputs(args, "target_model", ("draft_model", "prompts"))
     names, args = args, replace(args, **{name: resolve(getattr(args, name))
                                           for name in ("target_model", "draft_model", "tokenizer", "prompts")})
     torch.set_num_threads(args.threads)

@@ -120,7 +120,7 @@ def generate_continuations(model_target, model_draft, tokenizer, prompts, source
 
 def run_distillspec(args: DistillSpecArguments) -> dict:
     """Acceptance before, continuation data, distillation, acceptance after; returns (and writes) the summary."""
-    check_demo_inputs(args, DistillSpecArguments(), "target_model", ("draft_model", "train_prompts", "eval_prompts"))
+    check_demo_inputs(args, "target_model", ("draft_model", "train_prompts", "eval_prompts"))
     names, args = args, replace(args, **{name: resolve(getattr(args, name)) for name in
                                           ("target_model", "draft_model", "train_prompts", "eval_prompts")})
     start = time.time()

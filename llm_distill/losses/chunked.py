@@ -275,15 +275,11 @@ def _write_grad_h(grad_h: torch.Tensor, rows: slice, g: torch.Tensor, weight: to
         grad_h[rows] = g @ weight
 
 
-def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, hidden: torch.Tensor, product: torch.Tensor | None
-                       ) -> None:
+def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, hidden: torch.Tensor, product: torch.Tensor) -> None:
     """``grad_w += g^T @ hidden`` ``(Vs, H)``, accumulated in fp32, the product in the weights' dtype as the plain
-    backward computes it. ``product``: a reusable ``(Vs, H)`` buffer of that dtype, or ``None`` (a new tensor per
-    chunk). ``addmm(beta=0)`` into it gives ``g^T @ hidden`` to the bit, but on CPU ``mm`` copies the transposed
-    ``g`` first and ``addmm`` does not (measured: about half the time of this product at c = 256, V = 4096)."""
-    if product is None:
-        grad_w += (g.t() @ hidden).float()
-        return
+    backward computes it. ``product``: a reusable ``(Vs, H)`` buffer of that dtype. ``addmm(beta=0)`` into it gives
+    ``g^T @ hidden`` to the bit, but on CPU ``mm`` copies the transposed ``g`` first and ``addmm`` does not
+    (measured: about half the time of this product at c = 256, V = 4096)."""
     torch.addmm(product, g.t(), hidden, beta=0, out=product)
     grad_w += product if product.dtype == torch.float32 else product.float()
 
