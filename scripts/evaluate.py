@@ -13,7 +13,6 @@ the same file and settings give the same figures as those jobs' reports. Prints 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from llm_distill.config import DataArguments  # noqa: E402
 from llm_distill.data import DistillationCollator  # noqa: E402
 from llm_distill.embedded import resolve  # noqa: E402
 from llm_distill.evaluation import evaluate_models, heldout_set  # noqa: E402
+from llm_distill.footprint import write_results  # noqa: E402
 from llm_distill.jobs import run_cli  # noqa: E402
 from llm_distill.models import load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -52,8 +52,7 @@ def main(argv: list[str]) -> dict:
     for name, s in scores.items():
         print(f"| {name} | {s['perplexity']:.2f} | {s['accuracy']:.3f} | {s.get('top1_agreement', float('nan')):.3f} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"argv": argv, "scores": scores}, indent=2))
+        write_results(args.out, {"argv": argv, "scores": scores})
     return scores
 
 
